@@ -1,0 +1,1 @@
+"""Sub-commands of the vidprune CLI, one module each."""

@@ -1,0 +1,330 @@
+"""Transformer parts with timm's names, each reporting the work it does to a :class:`Ledger`.
+
+Tokens are kept flat, ``(B, P + N, D)``: ``P`` prefix tokens (a class token, or none) followed
+by the ``N`` tokens of a ``grid``. Attention runs globally or in square windows over the grid;
+window padding is done in the qkv domain with the qkv bias (what a zero-padded input would
+give after the qkv projection), so linear layers never run on padding and a pruning method that
+buffers qkv can pad the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ledger import Ledger
+
+Grid = tuple[int, ...]  # (H, W) for frames, (T, H, W) for clips
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens (a strided convolution); ``proj`` as in timm."""
+
+    def __init__(self, patch: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor, ledger: Ledger | None = None) -> tuple[torch.Tensor, Grid]:
+        y = self.proj(x)  # B, D, H, W
+        grid = (y.shape[-2], y.shape[-1])
+        if ledger is not None:
+            ledger.add(conv_macs(self.proj, y), "patch_embed")
+        return y.flatten(2).transpose(1, 2), grid
+
+
+class PatchEmbed3D(nn.Module):
+    """Video to tubelet tokens (VideoMAE: 2 x 16 x 16 tubelets)."""
+
+    def __init__(self, tubelet: int, patch: int, in_chans: int, dim: int):
+        super().__init__()
+        self.tubelet, self.patch = tubelet, patch
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
+                              stride=(tubelet, patch, patch))
+
+    def forward(self, x: torch.Tensor, ledger: Ledger | None = None) -> tuple[torch.Tensor, Grid]:
+        y = self.proj(x)  # B, D, T, H, W
+        grid = tuple(y.shape[-3:])
+        if ledger is not None:
+            ledger.add(conv_macs(self.proj, y), "patch_embed")
+        return y.flatten(2).transpose(1, 2), grid
+
+
+def conv_macs(conv: nn.Module, out: torch.Tensor) -> int:
+    """MACs per sample of a convolution that produced ``out`` (bias additions included)."""
+    per_out = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    if conv.bias is not None:
+        per_out += 1
+    return out[0].numel() * per_out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, ledger: Ledger | None = None,
+                tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+        if ledger is not None:
+            n = x.shape[-2] if tokens is None else tokens
+            ledger.linear(self.fc1, n)
+            ledger.linear(self.fc2, n)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# --- relative position (ViTDet / MViTv2 decomposed form) -------------------------------------
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative position embeddings for ``q_size`` queries and ``k_size`` keys along one axis.
+
+    The table is interpolated linearly when its length does not match (as detectron2 does),
+    and the coordinates are scaled when query and key sizes differ.
+    """
+    max_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_dist:
+        table = F.interpolate(rel_pos.t().unsqueeze(0).float(), size=max_dist, mode="linear")
+        table = table.squeeze(0).t().to(rel_pos.dtype)
+    else:
+        table = rel_pos
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[rel.long()]  # q_size, k_size, C
+
+
+def rel_pos_terms(q: torch.Tensor, q_grid: Grid, k_grid: Grid, rel_pos_h: torch.Tensor,
+                  rel_pos_w: torch.Tensor, ledger: Ledger | None = None,
+                  per_stream: int = 1, category: str = "backbone"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two decomposed relative-position terms for queries ``q`` (..., qh*qw, C).
+
+    Returns ``rel_h`` (..., qh*qw, kh) and ``rel_w`` (..., qh*qw, kw), to be added to the
+    attention logits as ``logits.view(..., kh, kw) + rel_h[..., None] + rel_w[..., None, :]``.
+    ``per_stream`` is how many query sets of ``q``'s leading dimensions belong to one stream
+    (windows x heads), for the ledger.
+    """
+    qh, qw = q_grid
+    kh, kw = k_grid
+    rh = get_rel_pos(qh, kh, rel_pos_h)
+    rw = get_rel_pos(qw, kw, rel_pos_w)
+    lead = q.shape[:-2]
+    c = q.shape[-1]
+    r_q = q.reshape(*lead, qh, qw, c)
+    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, rh).reshape(*lead, qh * qw, kh)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, rw).reshape(*lead, qh * qw, kw)
+    if ledger is not None:  # einsum MACs per stream: outputs x C, for both terms
+        ledger.matmul(per_stream * qh * qw * (kh + kw), c, category)
+    return rel_h, rel_w
+
+
+def add_rel_pos(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                k_grid: Grid) -> torch.Tensor:
+    """``logits`` (..., Nq, kh*kw) plus the decomposed terms; returns a new tensor."""
+    kh, kw = k_grid
+    lead = logits.shape[:-1]
+    out = logits.view(*lead, kh, kw) + rel_h[..., :, None] + rel_w[..., None, :]
+    return out.view(*lead, kh * kw)
+
+
+# --- windows -------------------------------------------------------------------------------
+
+def window_partition(x: torch.Tensor, grid: Grid, window: int, pad_value: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, Grid]:
+    """(B, H*W, C) -> (B * nW, window*window, C), padding the grid to a multiple of ``window``.
+
+    Padded positions take ``pad_value`` (C,) (for qkv: the qkv bias), or zeros.
+    Returns the windows and the padded grid.
+    """
+    b, _, c = x.shape
+    h, w = grid
+    x = x.view(b, h, w, c)
+    ph, pw = (-h) % window, (-w) % window
+    if ph or pw:
+        hp, wp = h + ph, w + pw
+        fill = x.new_zeros(b, hp, wp, c)
+        if pad_value is not None:
+            fill[:] = pad_value.to(x.dtype)
+        fill[:, :h, :w] = x
+        x = fill
+    else:
+        hp, wp = h, w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+    return x, (hp, wp)
+
+
+def window_unpartition(x: torch.Tensor, batch: int, grid: Grid, padded: Grid,
+                       window: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B*nW, window*window, C) -> (B, H*W, C)."""
+    h, w = grid
+    hp, wp = padded
+    c = x.shape[-1]
+    x = x.view(batch, hp // window, wp // window, window, window, c)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, c)
+    if hp != h or wp != w:
+        x = x[:, :h, :w]
+    return x.reshape(batch, h * w, c)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+@dataclass
+class AttentionOutput:
+    out: torch.Tensor                   # (B, P+N, D), heads merged, before the projection
+    probs: torch.Tensor | None = None   # (B*nW, heads, n, n) when asked for
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: ``qkv`` and ``proj`` Linear layers (timm names).
+
+    Optional decomposed relative position (``rel_pos_h``/``rel_pos_w``, ViTDet) for a grid of
+    ``rel_pos_size``; global or windowed. Uses PyTorch's fused kernel unless the caller asks for
+    the attention probabilities (attention rollout needs them).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 rel_pos_size: tuple[int, int] | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = rel_pos_size is not None
+        if self.use_rel_pos:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, n, D) -> (B, heads, n, head_dim)."""
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor) -> torch.Tensor:
+        b, h, n, c = t.shape
+        return t.transpose(1, 2).reshape(b, n, h * c)
+
+    def qkv_pad_value(self) -> torch.Tensor | None:
+        return None if self.qkv.bias is None else self.qkv.bias.detach()
+
+    def attend(self, qkv: torch.Tensor, grid: Grid, window: int, prefix: int = 0,
+               ledger: Ledger | None = None, need_probs: bool = False) -> AttentionOutput:
+        """Dense attention from projected ``qkv`` (B, P+N, 3D); returns merged heads (B, P+N, D).
+
+        ``window`` > 0 partitions the 2-D grid into windows (no prefix tokens allowed then).
+        """
+        b = qkv.shape[0]
+        if window:
+            if prefix:
+                raise ValueError("windowed attention does not take prefix tokens")
+            qkv_w, padded = window_partition(qkv, grid, window, self.qkv_pad_value())
+            n_windows = qkv_w.shape[0] // b
+            q_grid = (window, window)
+        else:
+            qkv_w, padded, n_windows = qkv, None, 1
+            q_grid = grid if (self.use_rel_pos and not prefix) else None
+        q, k, v = (self.split_heads(t) for t in qkv_w.chunk(3, dim=-1))
+        out, probs = self.core(q, k, v, q_grid, q_grid, ledger=ledger,
+                               per_stream=n_windows, need_probs=need_probs)
+        out = self.merge_heads(out)
+        if window:
+            out = window_unpartition(out, b, grid, padded, window)
+        return AttentionOutput(out, probs)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid | None,
+             k_grid: Grid | None, ledger: Ledger | None = None, per_stream: int = 1,
+             need_probs: bool = False, key_mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T * scale + rel_pos) v for q (b, h, nq, c), k/v (b, h, nk, c).
+
+        ``per_stream``: how many of the ``b`` attention batches belong to one stream (windows).
+        ``key_mask`` (b, nk) bool: False keys are excluded (used for ragged batches).
+        """
+        h, nq, c = q.shape[1], q.shape[2], q.shape[3]
+        nk = k.shape[2]
+        bias = None
+        if self.use_rel_pos and q_grid is not None:
+            rel_h, rel_w = rel_pos_terms(q, q_grid, k_grid, self.rel_pos_h, self.rel_pos_w,
+                                         ledger, per_stream=per_stream * h)
+            kh, kw = k_grid
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*rel_h.shape[:-1], kh * kw)
+            if ledger is not None:
+                ledger.adds(per_stream * h * nq * nk * 2)  # both terms added to every logit
+        if key_mask is not None:
+            neg = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+            neg.masked_fill_(~key_mask, float("-inf"))
+            neg = neg[:, None, None, :]
+            bias = neg if bias is None else bias + neg
+        if ledger is not None:
+            ledger.matmul(per_stream * h * nq * nk, c)  # q k^T
+            ledger.matmul(per_stream * h * nq * c, nk)  # attn v
+        if need_probs:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            probs = logits.softmax(dim=-1)
+            return probs @ v, probs
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``norm1, attn, norm2, mlp`` (timm / detectron2 names)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 window: int = 0, rel_pos_size: tuple[int, int] | None = None,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        self.window = window
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, rel_pos_size)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, grid: Grid, prefix: int = 0,
+                ledger: Ledger | None = None, need_probs: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense block; returns the new tokens and (if asked) the attention probabilities."""
+        n, d = x.shape[1], x.shape[2]
+        qkv = self.attn.qkv(self.norm1(x))
+        att = self.attn.attend(qkv, grid, self.window, prefix, ledger, need_probs)
+        x = x + self.attn.proj(att.out)
+        x = x + self.mlp(self.norm2(x), ledger)
+        if ledger is not None:
+            ledger.linear(self.attn.qkv, n)
+            ledger.linear(self.attn.proj, n)
+            ledger.adds(2 * n * d)  # the two residual additions
+            ledger.processed(n)
+        return x, att.probs
+
+
+def sincos_pos_embed(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed 1-D sin-cos table VideoMAE uses (its ``get_sinusoid_encoding_table``)."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    i = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(i, 2, rounding_mode="floor") / dim)
+    table = torch.zeros(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table.float()
+
+
+def resize_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int],
+                     dst_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a (1, H*W, D) grid position table (no prefix slots) to ``dst_grid``."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    d = pos.shape[-1]
+    grid = pos.reshape(1, src_grid[0], src_grid[1], d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], d).to(pos.dtype)

@@ -1,0 +1,120 @@
+"""The compute ledger: multiply-accumulates actually executed, per stream, per step.
+
+Convention (../shared/METHODS.md section 0, the papers' own): one multiply-accumulate (MAC)
+counts as one operation and is called a "FLOP" in the papers' tables. Counted in the backbone
+figure: Linear layers (tokens x in x out, plus the bias additions), matrix products
+(out.numel() x K), einsums (relative position terms), additions of residuals and biases, and
+each pruning method's own overhead (gate error norms, rollout products, similarity products).
+Not counted there: LayerNorm, softmax, GELU, the patch-embedding convolution. The patch
+embedding and the task head are counted in their own categories so full-model figures can be
+reported beside the backbone figure.
+
+Every counting call names what it counts per stream: an ``int`` when all streams of the batch
+did the same work, or a length-B tensor when the work was ragged (a threshold policy, learned
+gates). The ledger never predicts work: the layers that do the work report it, so fewer MACs
+appear only when fewer MACs ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: Categories that make up a method's executed backbone figure ("gmacs_run").
+BACKBONE_CATEGORIES = ("backbone", "overhead")
+CATEGORIES = ("backbone", "overhead", "patch_embed", "head", "padding")
+
+
+@dataclass
+class Ledger:
+    """MACs and processed tokens of one step of ``batch`` streams, kept per stream.
+
+    ``backbone``: transformer-block work; ``overhead``: the pruning method's own bookkeeping
+    (counted in the headline figure, shown separately); ``patch_embed`` and ``head``: outside
+    the headline figure; ``padding``: work executed only on padding rows when ragged streams
+    are batched together (executed, so reported, but not attributed to any stream's method).
+    ``tokens``: per stream, the number of tokens that went through each block's MLP, summed
+    over blocks (a dense model processes ``depth x N``).
+    """
+
+    batch: int
+    macs: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name in CATEGORIES:
+            self.macs.setdefault(name, _zeros(self.batch))
+        if self.tokens is None:
+            self.tokens = _zeros(self.batch)
+
+    # -- recording ---------------------------------------------------------------------------
+    def add(self, macs: int | float | torch.Tensor, category: str = "backbone") -> None:
+        """Record ``macs`` per stream (a number applies to every stream of the batch)."""
+        if category not in self.macs:
+            raise KeyError(f"unknown ledger category {category!r}; expected one of {CATEGORIES}")
+        self.macs[category] += _per_stream(macs, self.batch)
+
+    def linear(self, layer: torch.nn.Linear, tokens: int | torch.Tensor,
+               category: str = "backbone") -> None:
+        """A Linear layer applied to ``tokens`` rows per stream (bias additions included)."""
+        per_token = layer.in_features * layer.out_features
+        if layer.bias is not None:
+            per_token += layer.out_features
+        self.add(_scale(tokens, per_token), category)
+
+    def matmul(self, out_elements: int | torch.Tensor, inner: int,
+               category: str = "backbone") -> None:
+        """A matrix product with ``out_elements`` outputs per stream and inner size ``inner``."""
+        self.add(_scale(out_elements, inner), category)
+
+    def adds(self, elements: int | torch.Tensor, category: str = "backbone") -> None:
+        """Elementwise additions (residuals, biases, position terms)."""
+        self.add(elements, category)
+
+    def processed(self, tokens: int | torch.Tensor) -> None:
+        """Tokens that went through one block's MLP (the token-count figure)."""
+        self.tokens += _per_stream(tokens, self.batch)
+
+    # -- reading -----------------------------------------------------------------------------
+    def run_macs(self) -> torch.Tensor:
+        """Executed backbone MACs per stream (backbone + method overhead)."""
+        return sum(self.macs[c] for c in BACKBONE_CATEGORIES)
+
+    def select(self, index: torch.Tensor | list[int]) -> "Ledger":
+        """A ledger holding only the given streams (used when a batch is split into groups)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        out = Ledger(len(index))
+        for k, v in self.macs.items():
+            out.macs[k] = v[index].clone()
+        out.tokens = self.tokens[index].clone()
+        return out
+
+    def merge_into(self, other: "Ledger", index: torch.Tensor | list[int]) -> None:
+        """Add this (sub-batch) ledger's counts into ``other`` at stream positions ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        for k, v in self.macs.items():
+            other.macs[k].index_add_(0, index, v)
+        other.tokens.index_add_(0, index, self.tokens)
+
+
+def _zeros(batch: int) -> torch.Tensor:
+    # explicit device: counts stay on the CPU even inside a ``torch.device("meta")`` block
+    return torch.zeros(batch, dtype=torch.float64, device="cpu")
+
+
+def _per_stream(value: int | float | torch.Tensor, batch: int) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float64)
+        if value.ndim == 0:
+            return value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"per-stream count has shape {tuple(value.shape)}, expected ({batch},)")
+        return value
+    return torch.full((batch,), float(value), dtype=torch.float64, device="cpu")
+
+
+def _scale(count: int | torch.Tensor, factor: int) -> int | torch.Tensor:
+    if isinstance(count, torch.Tensor):
+        return count.detach().to("cpu", torch.float64) * factor
+    return count * factor

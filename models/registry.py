@@ -1,0 +1,176 @@
+"""Named architectures and the model zoo.
+
+An *architecture* is a recipe (``vitdet-b``, ``videomae-b`` ...) that builds a randomly
+initialised model; a *zoo entry* is an architecture plus the trained weights shipped in
+``models/zoo/`` (``<name>.safetensors`` with ``<name>.json``: the recipe, class names and the
+model card). Job specs name either a zoo entry, or an architecture plus a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .detector import ViTDetector
+from .heads import CenterNetHead, SimpleFeaturePyramid
+from .recognizers import VideoMAERecognizer, ViViTRecognizer
+from .vit import plain_vit, videomae_backbone, vitdet_backbone
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+
+class ModelError(ValueError):
+    """Unknown model or architecture, or weights that do not fit it."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    family: str                 # vitdet | vit | videomae | vivit
+    size: str                   # ti | s | b | l
+    task: str                   # detection | recognition | classification
+    input_size: int             # default input resolution (pixels, square)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _archs() -> dict[str, Arch]:
+    out: dict[str, Arch] = {}
+    for size in ("ti", "s", "b", "l"):
+        out[f"vitdet-{size}"] = Arch(f"vitdet-{size}", "vitdet", size, "detection", 1024,
+                                     {"head": "centernet"})
+        out[f"vit-{size}"] = Arch(f"vit-{size}", "vit", size, "classification", 224)
+        out[f"videomae-{size}"] = Arch(f"videomae-{size}", "videomae", size, "recognition", 224)
+        out[f"vivit-{size}"] = Arch(f"vivit-{size}", "vivit", size, "recognition", 224)
+    for size in ("b", "l"):
+        out[f"vitdet-{size}-rcnn"] = Arch(f"vitdet-{size}-rcnn", "vitdet", size, "detection",
+                                          1024, {"head": "rcnn"})
+    return out
+
+
+ARCHS: dict[str, Arch] = _archs()
+
+_DEFAULT_CLASSES = {"detection": 80, "recognition": 400, "classification": 1000}
+
+
+def build_arch(name: str, num_classes: int | None = None, class_names: list[str] | None = None,
+               **options: Any) -> nn.Module:
+    """A randomly initialised model of architecture ``name``.
+
+    ``options`` override the recipe: ``depth``, ``dim``, ``heads``, ``input_size``,
+    ``window``, ``neck_scales``, ``neck_channels``, ``head_level``, ``clip_frames``,
+    ``temporal_depth``, ``pretrain_grid``.
+    """
+    try:
+        arch = ARCHS[name]
+    except KeyError:
+        raise ModelError(f"unknown architecture {name!r}; available: {', '.join(sorted(ARCHS))}"
+                         ) from None
+    opts = {**arch.options, **options}
+    if class_names is not None:
+        num_classes = len(class_names)
+    num_classes = num_classes or _DEFAULT_CLASSES[arch.task]
+    class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+    input_size = int(opts.pop("input_size", arch.input_size))
+    dims = {k: opts.pop(k) for k in ("depth", "dim", "heads") if k in opts}
+    pretrain = tuple(opts.pop("pretrain_grid", (14, 14)))
+
+    if arch.family == "vitdet":
+        backbone = vitdet_backbone(arch.size, img_size=input_size, window=opts.pop("window", 14),
+                                   pretrain_grid=pretrain,
+                                   global_blocks=opts.pop("global_blocks", None), **dims)
+        head_kind = opts.pop("head", "centernet")
+        if head_kind == "centernet":
+            scales = tuple(opts.pop("neck_scales", (2.0,)))
+            channels = int(opts.pop("neck_channels", 256))
+            neck = SimpleFeaturePyramid(backbone.dim, channels, scales)
+            level = opts.pop("head_level", f"p{neck.strides[0].bit_length() - 1}")
+            head = CenterNetHead(channels, num_classes, level=level)
+        elif head_kind == "rcnn":
+            from .rcnn import build_rcnn_head  # the detectron2 two-stage port
+
+            neck = SimpleFeaturePyramid(backbone.dim, 256, (4.0, 2.0, 1.0, 0.5))
+            head = build_rcnn_head(num_classes, **opts.pop("rcnn", {}))
+        else:
+            raise ModelError(f"unknown detection head {head_kind!r}")
+        model: nn.Module = ViTDetector(backbone, neck, head, class_names)
+    elif arch.family == "vit":
+        from .classifier import ViTClassifier
+
+        grid = pretrain if "pretrain_grid" in options else (input_size // 16,) * 2
+        model = ViTClassifier(plain_vit(arch.size, img_size=input_size, pretrain_grid=grid,
+                                        **dims), num_classes, class_names)
+    elif arch.family == "videomae":
+        backbone = videomae_backbone(arch.size, pretrain_grid=(input_size // 16,) * 2, **dims)
+        model = VideoMAERecognizer(backbone, num_classes, class_names,
+                                   clip_frames=int(opts.pop("clip_frames", 16)))
+    elif arch.family == "vivit":
+        spatial = plain_vit(arch.size, img_size=input_size, **dims)
+        model = ViViTRecognizer(spatial, int(opts.pop("temporal_depth", 4)), num_classes,
+                                class_names, clip_frames=int(opts.pop("clip_frames", 32)))
+    else:  # pragma: no cover - the table above is closed
+        raise ModelError(f"unknown family {arch.family!r}")
+    if opts:
+        raise ModelError(f"unknown options for {name}: {', '.join(sorted(opts))}")
+    model.arch = arch
+    model.input_size = input_size
+    model.build_options = {**options, "input_size": input_size}
+    return model
+
+
+# --- zoo -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    arch: str
+    options: dict[str, Any]
+    class_names: list[str]
+    weights: Path
+    card: dict[str, Any]
+
+
+def zoo_entries() -> dict[str, ZooEntry]:
+    """Every model shipped in ``models/zoo`` (a ``.json`` card beside its ``.safetensors``)."""
+    out = {}
+    for card_path in sorted(ZOO_DIR.glob("*.json")):
+        card = json.loads(card_path.read_text())
+        name = card_path.stem
+        out[name] = ZooEntry(name, card["arch"], card.get("options", {}), card["class_names"],
+                             card_path.with_suffix(".safetensors"), card)
+    return out
+
+
+def build_zoo_model(name: str) -> nn.Module:
+    """A zoo model with its trained weights."""
+    entries = zoo_entries()
+    if name not in entries:
+        avail = ", ".join(sorted(entries)) or "(none shipped)"
+        raise ModelError(f"unknown zoo model {name!r}; available: {avail}")
+    entry = entries[name]
+    from .checkpoints import load_file
+
+    model = build_arch(entry.arch, class_names=entry.class_names, **entry.options)
+    state = load_file(entry.weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"zoo weights {entry.weights.name} do not fit {entry.arch}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.zoo_name = name
+    return model.eval()
+
+
+def describe(model: nn.Module) -> str:
+    return getattr(model, "zoo_name", None) or model.arch.name
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def to_device(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
+    return model.to(device=device, dtype=dtype)

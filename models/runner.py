@@ -1,0 +1,343 @@
+"""Running a model with a pruning method over streams of frames.
+
+This is the one interface the pipeline uses::
+
+    runner = StreamRunner(model, build_method("eventful", r=256))
+    state = runner.new_state(batch=4)          # four streams (videos or segments), fresh
+    for frames in ...:                         # frame t of each stream, in order
+        outs = runner.step(frames, state)      # predictions + the work each stream ran
+    outs = runner.finish(state)                # a recognizer's last partial clip, if any
+    state = runner.select(state, keep)         # streams that end early leave the batch
+
+The streams of one state start together (frame 0 is the first frame of every stream) and run
+in lockstep; a stream that ends leaves with :meth:`select`. Everything carried from frame to
+frame lives in the state, never in the model, so a state never leaks between videos.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import Detections
+from .ledger import Ledger
+from .methods import Method, MethodState, StepContext
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ClipResult:
+    """One recognised clip: class probabilities and the positions (0-based, among the frames
+    given to :meth:`StreamRunner.step`) of its first and last frame."""
+
+    probs: torch.Tensor  # (classes,)
+    first_step: int
+    last_step: int
+    padded: bool = False  # the stream ended before the clip was full; last frame repeated
+
+
+@dataclass
+class StepOutput:
+    """What one stream got from one step. MACs are per stream, in GMACs."""
+
+    detections: Detections | None = None
+    clips: list[ClipResult] = field(default_factory=list)
+    gmacs_run: float = 0.0        # backbone + method overhead actually executed
+    gmacs_dense: float = 0.0      # the same backbone work run densely
+    gmacs_overhead: float = 0.0   # the method's own share of gmacs_run
+    gmacs_head: float = 0.0       # head (+ neck) work, outside the backbone figure
+    gmacs_embed: float = 0.0      # patch embedding, outside the backbone figure
+    tokens_run: float = 0.0
+    tokens_dense: float = 0.0
+
+
+@dataclass
+class RunnerState:
+    batch: int
+    method: MethodState
+    steps: int = 0                                     # frames given to each stream so far
+    clip_frames: list[list[torch.Tensor]] = field(default_factory=list)   # clip models
+    clip_embeddings: list[list[torch.Tensor]] = field(default_factory=list)  # ViViT
+    clip_start: list[int] = field(default_factory=list)
+    clips_done: list[int] = field(default_factory=list)
+
+
+class StreamRunner:
+    """A model and a pruning method, ready to step batches of streams.
+
+    ``score_threshold``: detections below it are dropped. ``input_size``: the square input
+    resolution (default: the model's).
+    """
+
+    def __init__(self, model: nn.Module, method: Method, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, score_threshold: float = 0.3,
+                 input_size: int | None = None):
+        method.check(model)
+        self.model = model.eval().to(device=device, dtype=dtype)
+        self.method = method
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.score_threshold = score_threshold
+        self.input_size = int(input_size or getattr(model, "input_size", 224))
+        self.task = model.task
+        self.kind = model.kind
+        self.clip_frames = getattr(model, "clip_frames", 0)
+        patch = model.backbone.patch
+        if self.input_size % patch:
+            raise ValueError(f"input size {self.input_size} is not a multiple of the patch "
+                             f"size {patch}")
+        mean = getattr(model, "pixel_mean", IMAGENET_MEAN)
+        std = getattr(model, "pixel_std", IMAGENET_STD)
+        self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(3, 1, 1)
+        self._dense: dict[str, Ledger] = {}
+
+    # -- state -------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> RunnerState:
+        """A fresh state for ``batch`` streams that start now."""
+        return RunnerState(
+            batch=batch, method=self.method.new_state(self.model.backbone, batch),
+            clip_frames=[[] for _ in range(batch)], clip_embeddings=[[] for _ in range(batch)],
+            clip_start=[0] * batch, clips_done=[0] * batch)
+
+    def select(self, state: RunnerState, keep: Sequence[int]) -> RunnerState:
+        """The state of the streams ``keep`` only (in that order)."""
+        index = torch.as_tensor(list(keep), dtype=torch.long)
+        return RunnerState(
+            batch=len(index), method=state.method.select(index), steps=state.steps,
+            clip_frames=[state.clip_frames[i] for i in keep],
+            clip_embeddings=[state.clip_embeddings[i] for i in keep],
+            clip_start=[state.clip_start[i] for i in keep],
+            clips_done=[state.clips_done[i] for i in keep])
+
+    # -- preprocessing -----------------------------------------------------------------------
+    def _to_tensor(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(frame)
+        if t.ndim != 3 or t.shape[-1] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB frame, got shape {tuple(t.shape)}")
+        return t.to(self.device).permute(2, 0, 1).float()
+
+    def preprocess_detection(self, frame: np.ndarray | torch.Tensor
+                             ) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        """Resize the longest side to the input size, normalise, pad bottom/right to square.
+        Returns the image, the scale applied and the resized (h, w)."""
+        img = self._to_tensor(frame)
+        h, w = img.shape[-2:]
+        r = self.input_size
+        scale = r / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (nh, nw) != (h, w):
+            img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                                antialias=scale < 1)[0]
+        img = (img - self._mean) / self._std
+        out = img.new_zeros(3, r, r)
+        out[:, :nh, :nw] = img
+        return out, scale, (nh, nw)
+
+    def preprocess_recognition(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Resize the shorter side to the input size, centre crop, normalise."""
+        img = self._to_tensor(frame)
+        h, w = img.shape[-2:]
+        r = self.input_size
+        scale = r / min(h, w)
+        nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                            antialias=scale < 1)[0]
+        top, left = (nh - r) // 2, (nw - r) // 2
+        img = img[:, top:top + r, left:left + r]
+        return (img - self._mean) / self._std
+
+    # -- dense reference ---------------------------------------------------------------------
+    def dense_ledger(self, what: str) -> Ledger:
+        """MACs the same model executes densely for one ``frame`` or one ``clip`` (counted by
+        running the dense path once on the meta device: shapes only, no arithmetic)."""
+        if what not in self._dense:
+            meta = _meta_copy(self.model)
+            led = Ledger(1)
+            r = self.input_size
+            if self.kind == "frame":
+                e = meta.backbone.embed(torch.zeros(1, 3, r, r, device="meta"), led)
+                meta.backbone.forward_blocks(e.tokens, e.grid, led)
+                if what == "clip":  # ViViT: the temporal model over a clip of frame embeddings
+                    led = Ledger(1)
+                    meta.forward_temporal(torch.zeros(1, self.clip_frames, meta.backbone.dim,
+                                                      device="meta"), led)
+            else:
+                e = meta.backbone.embed(
+                    torch.zeros(1, 3, self.clip_frames, r, r, device="meta"), led)
+                meta.backbone.forward_blocks(e.tokens, e.grid, led)
+            self._dense[what] = led
+        return self._dense[what]
+
+    # -- stepping ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, frames: Sequence[np.ndarray | torch.Tensor], state: RunnerState
+             ) -> list[StepOutput]:
+        """Frame ``state.steps`` of every stream (RGB uint8, any size; one per stream)."""
+        if len(frames) != state.batch:
+            raise ValueError(f"got {len(frames)} frames for {state.batch} streams")
+        if self.kind == "clip":
+            outs = self._step_clip_model(frames, state)
+        else:
+            outs = self._step_frame_model(frames, state)
+        state.steps += 1
+        return outs
+
+    @torch.inference_mode()
+    def finish(self, state: RunnerState, streams: Sequence[int] | None = None
+               ) -> list[StepOutput]:
+        """End streams (all by default). A recognizer stream that has not completed a single
+        clip gets one from its frames so far, the last frame repeated to fill it; otherwise
+        a partial trailing clip is dropped. Returns one output per ended stream."""
+        streams = list(range(state.batch)) if streams is None else list(streams)
+        outs = [StepOutput() for _ in streams]
+        if self.task != "recognition":
+            return outs
+        todo = [j for j, i in enumerate(streams)
+                if state.clips_done[i] == 0 and (state.clip_frames[i] or state.clip_embeddings[i])]
+        for j in todo:
+            i = streams[j]
+            if self.kind == "clip":
+                frames = state.clip_frames[i]
+                state.clip_frames[i] = frames + [frames[-1]] * (self.clip_frames - len(frames))
+                self._run_clips([i], state, [outs[j]], padded=True)
+            else:
+                emb = state.clip_embeddings[i]
+                state.clip_embeddings[i] = emb + [emb[-1]] * (self.clip_frames - len(emb))
+                self._run_temporal([i], state, [outs[j]], padded=True)
+        return outs
+
+    def _step_frame_model(self, frames, state: RunnerState) -> list[StepOutput]:
+        b = state.batch
+        if self.task == "detection":
+            prepped = [self.preprocess_detection(f) for f in frames]
+            images = torch.stack([p[0] for p in prepped]).to(self.dtype)
+        else:
+            prepped = None
+            images = torch.stack([self.preprocess_recognition(f) for f in frames]).to(self.dtype)
+        ledger = Ledger(b)
+        emb = self.model.backbone.embed(images, ledger)
+        valid = _valid_tokens(emb.grid, [p[2] for p in prepped], self.model.backbone.patch,
+                              self.device) if prepped else None
+        ctx = StepContext(valid=valid, first=state.steps == 0, input_size=tuple(images.shape[-2:]))
+        tokens = self.method.forward(self.model.backbone, emb, state.method, ledger, ctx)
+        outs = [StepOutput() for _ in range(b)]
+        if self.task == "detection":
+            dets = self.model.forward_head(tokens[:, emb.prefix:], emb.grid, ledger, images,
+                                           score_threshold=min(self.score_threshold, 0.05))
+            if self.method.uses_predictions:
+                self.method.observe(state.method, dets, ctx)
+            for i, (d, (_img, scale, (nh, nw))) in enumerate(zip(dets, prepped)):
+                oh, ow = frames[i].shape[0], frames[i].shape[1]
+                keep = d.scores >= self.score_threshold
+                boxes = d.boxes[keep].float() / scale
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+                outs[i].detections = Detections(boxes.cpu(), d.scores[keep].float().cpu(),
+                                                d.labels[keep].cpu())
+        elif self.task == "recognition":
+            emb_cls = self.model.frame_embedding(tokens)
+            ready = []
+            for i in range(b):
+                if not state.clip_embeddings[i]:
+                    state.clip_start[i] = state.steps
+                state.clip_embeddings[i].append(emb_cls[i])
+                if len(state.clip_embeddings[i]) == self.clip_frames:
+                    ready.append(i)
+            if ready:
+                self._run_temporal(ready, state, [outs[i] for i in ready])
+        else:
+            raise ValueError(f"task {self.task!r} is not supported on streams")
+        self._account(outs, ledger, self.dense_ledger("frame"))
+        return outs
+
+    def _run_temporal(self, streams: list[int], state: RunnerState, outs: list[StepOutput],
+                      padded: bool = False) -> None:
+        """The temporal model over the finished clips of ``streams`` (``outs`` aligned)."""
+        seq = torch.stack([torch.stack(state.clip_embeddings[i]) for i in streams])
+        ledger = Ledger(len(streams))
+        logits = self.model.forward_temporal(seq, ledger)
+        self._emit_clips(streams, state, outs, logits, padded)
+        self._account(outs, ledger, self.dense_ledger("clip"))
+        for i in streams:
+            state.clip_embeddings[i] = []
+
+    def _step_clip_model(self, frames, state: RunnerState) -> list[StepOutput]:
+        b = state.batch
+        outs = [StepOutput() for _ in range(b)]
+        ready = []
+        for i in range(b):
+            if not state.clip_frames[i]:
+                state.clip_start[i] = state.steps
+            state.clip_frames[i].append(self.preprocess_recognition(frames[i]).to(self.dtype))
+            if len(state.clip_frames[i]) == self.clip_frames:
+                ready.append(i)
+        if ready:
+            self._run_clips(ready, state, [outs[i] for i in ready])
+        return outs
+
+    def _run_clips(self, streams: list[int], state: RunnerState, outs: list[StepOutput],
+                   padded: bool = False) -> None:
+        clips = torch.stack([torch.stack(state.clip_frames[i], dim=1) for i in streams])
+        ledger = Ledger(len(streams))
+        emb = self.model.backbone.embed(clips, ledger)
+        ctx = StepContext(valid=None, first=True, input_size=tuple(clips.shape[-2:]))
+        sub_state = state.method if len(streams) == state.batch else \
+            state.method.select(torch.as_tensor(streams))
+        tokens = self.method.forward(self.model.backbone, emb, sub_state, ledger, ctx)
+        logits = self.model.forward_head(tokens, ledger)
+        self._emit_clips(streams, state, outs, logits, padded)
+        self._account(outs, ledger, self.dense_ledger("clip"))
+        for i in streams:
+            state.clip_frames[i] = []
+
+    def _emit_clips(self, streams, state, outs, logits, padded) -> None:
+        probs = logits.float().softmax(-1).cpu()
+        for j, i in enumerate(streams):
+            last = state.steps if not padded else state.steps - 1
+            outs[j].clips.append(ClipResult(probs[j], state.clip_start[i], last, padded))
+            state.clips_done[i] += 1
+
+    @staticmethod
+    def _account(outs: list[StepOutput], ledger: Ledger, dense: Ledger) -> None:
+        run = ledger.run_macs()
+        dense_run = float(dense.run_macs()[0])
+        for i, o in enumerate(outs):
+            o.gmacs_run += float(run[i]) / 1e9
+            o.gmacs_overhead += float(ledger.macs["overhead"][i]) / 1e9
+            o.gmacs_head += float(ledger.macs["head"][i]) / 1e9
+            o.gmacs_embed += float(ledger.macs["patch_embed"][i]) / 1e9
+            o.gmacs_dense += dense_run / 1e9
+            o.tokens_run += float(ledger.tokens[i])
+            o.tokens_dense += float(dense.tokens[0])
+
+
+def _valid_tokens(grid, sizes, patch: int, device) -> torch.Tensor:
+    """(B, N) True where a token covers resized image pixels rather than square padding."""
+    h, w = grid
+    rows = torch.arange(h, device=device)[:, None]
+    cols = torch.arange(w, device=device)[None, :]
+    out = []
+    for nh, nw in sizes:
+        out.append(((rows < math.ceil(nh / patch)) & (cols < math.ceil(nw / patch))).flatten())
+    return torch.stack(out)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """The same architecture on the meta device (no memory, no arithmetic)."""
+    from .registry import build_arch
+
+    arch = getattr(model, "arch", None)
+    if arch is not None and hasattr(model, "build_options"):
+        with torch.device("meta"):
+            return build_arch(arch.name, class_names=model.class_names, **model.build_options)
+    return copy.deepcopy(model).to("meta")
