@@ -1,0 +1,118 @@
+"""Shared fixtures: the real sample clips, a real S3-protocol server (moto) on loopback, and
+one local Ray instance for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "jobs" / "samples" / "videos"
+
+# Tests never talk to a real cloud: no credentials or config from the developer's machine.
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_ADDRESS"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("AWS_CONFIG_FILE", os.devnull)
+os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture(scope="session")
+def sample_videos() -> Path:
+    """The real clips shipped with the repository (see jobs/samples/videos/README.md)."""
+    return SAMPLES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """A moto S3 server process on 127.0.0.1, with the credentials to reach it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing-key-id",
+                    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+                    "AWS_DEFAULT_REGION": "us-east-1"}
+        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("moto_server exited at start")
+                time.sleep(0.1)
+        raise RuntimeError("moto_server did not start in 30 s")
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=self.env["AWS_ACCESS_KEY_ID"],
+                                 secret=self.env["AWS_SECRET_ACCESS_KEY"],
+                                 client_kwargs={"endpoint_url": self.endpoint_url,
+                                                "region_name": "us-east-1"},
+                                 skip_instance_cache=True)
+
+    def reset(self) -> None:
+        """Drop every bucket (moto's reset endpoint)."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(
+            f"{self.endpoint_url}/moto-api/reset", method="POST"), timeout=10).read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A clean S3 server for one test (all buckets dropped before it)."""
+    s3_server.reset()
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,50 @@
+"""The ledger must reproduce the published dense baselines (counted on the meta device)."""
+
+import pytest
+import torch
+
+from models import build_arch
+from models.ledger import Ledger
+
+
+def dense_gmacs(arch: str, shape: tuple[int, ...], **options) -> dict[str, float]:
+    led = Ledger(1)
+    with torch.device("meta"):
+        model = build_arch(arch, **options)
+        if model.task == "detection":  # decoding boxes is data-dependent: count up to the head
+            e = model.backbone.embed(torch.zeros(*shape), led)
+            tokens, _ = model.backbone.forward_blocks(e.tokens, e.grid, led)
+            fmap = tokens.transpose(1, 2).reshape(1, -1, *e.grid)
+            model.head(model.neck(fmap, led), led)
+        else:
+            model(torch.zeros(*shape), led)
+    return {k: float(v[0]) / 1e9 for k, v in led.macs.items()}
+
+
+@pytest.mark.parametrize("resolution, published", [(1024, 467.4), (672, 174.5)])
+def test_vitdet_b_backbone_matches_published(resolution, published):
+    g = dense_gmacs("vitdet-b", (1, 3, resolution, resolution))
+    assert g["backbone"] == pytest.approx(published, rel=0.01)
+    assert g["overhead"] == 0 and g["head"] > 0
+
+
+def test_videomae_b_clip_matches_published():
+    g = dense_gmacs("videomae-b", (1, 3, 16, 224, 224))
+    assert g["backbone"] + g["patch_embed"] + g["head"] == pytest.approx(180, rel=0.01)
+
+
+def test_vit_b16_matches_published():
+    g = dense_gmacs("vit-b", (1, 3, 224, 224))
+    assert sum(g.values()) == pytest.approx(17.6, rel=0.01)
+
+
+def test_per_stream_counts_and_ragged_tokens():
+    led = Ledger(3)
+    layer = torch.nn.Linear(4, 5)
+    led.linear(layer, 10)
+    led.linear(layer, torch.tensor([1.0, 2.0, 0.0]), "overhead")
+    assert led.macs["backbone"].tolist() == [250.0] * 3
+    assert led.macs["overhead"].tolist() == [25.0, 50.0, 0.0]
+    assert led.run_macs().tolist() == [275.0, 300.0, 250.0]
+    with pytest.raises(ValueError):
+        led.add(torch.ones(2))
