@@ -100,6 +100,36 @@ def test_keeping_every_token_without_refresh_matches_dense(detector, clips, dens
         assert o[0].gmacs_overhead > 0
 
 
+def test_recorded_attention_is_the_dense_models_and_caches_change_only_kept_rows(detector,
+                                                                                 clips):
+    frames = clips[0]
+    runner = StreamRunner(detector, build_method("rollout", k=N, refresh=0))
+    state = runner.new_state(1)
+    for f in frames[:2]:
+        runner.step([f], state)
+    image = runner.preprocess_detection(frames[1])[0][None]
+    with torch.inference_mode():
+        emb = detector.backbone.embed(image)
+        _, probs = detector.backbone.forward_blocks(emb.tokens, emb.grid, need_probs=True)
+    for recorded, p in zip(state.method.attn, probs):
+        torch.testing.assert_close(recorded, fuse_heads(p, "mean").view(recorded.shape),
+                                   atol=1e-5, rtol=1e-4)
+
+    k = 64
+    runner = StreamRunner(detector, build_method("rollout", k=k, refresh=0))
+    state = runner.new_state(1)
+    for f in frames[:2]:
+        runner.step([f], state)
+    s = state.method
+    before = [t.clone() for t in (s.attn[1], s.attn[3], s.cache[1], s.cache[2], s.cache[3],
+                                  s.output)]
+    runner.step([frames[2]], state)
+    after = (s.attn[1], s.attn[3], s.cache[1], s.cache[2], s.cache[3], s.output)
+    changed = [set((a != b).any(-1)[0].nonzero()[:, 0].tolist()) for a, b in zip(before, after)]
+    # global rows, k/v and q/k/v caches, output buffer: the same k tokens, nothing else
+    assert len(changed[0]) == k and all(c == changed[0] for c in changed)
+
+
 # --- the parts --------------------------------------------------------------------------------
 
 def explicit_rollout(matrices: list[torch.Tensor], s_last: torch.Tensor) -> torch.Tensor:
