@@ -473,7 +473,7 @@ def _kept_attention(attn: Attention, q: torch.Tensor, kv: torch.Tensor,
         bs, heads, m, _ = qh.shape
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(bs, heads, m, k.shape[2])
         ledger.adds(heads * m * k.shape[2] * 2)  # both terms added to every logit
-    out, probs = attn.core(qh, k, v, None, None, ledger, need_probs=need_probs, bias=bias)
+    out, probs = attn.core(qh, k, v, None, None, ledger, need_probs=need_probs, attn_bias=bias)
     return attn.merge_heads(out), probs
 
 
