@@ -245,7 +245,7 @@ class RolloutState(MethodState):
 
     def clear(self, depth: int) -> None:
         """Forget every cache (the next frame is dense)."""
-        self.anchors = self.patches = self.valid = self.keep = self.output = None
+        self.grid = self.anchors = self.patches = self.valid = self.keep = self.output = None
         self.attn, self.attn_norms, self.cache = [None] * depth, [None] * depth, [None] * depth
 
 
