@@ -123,6 +123,27 @@ def rel_pos_terms(q: torch.Tensor, q_grid: Grid, k_grid: Grid, rel_pos_h: torch.
     return rel_h, rel_w
 
 
+def rel_pos_terms_at(q: torch.Tensor, q_index: torch.Tensor, q_grid: Grid, k_grid: Grid,
+                     rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                     ledger: Ledger | None = None, category: str = "backbone"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rel_pos_terms` for a subset of the queries of ``q_grid``.
+
+    ``q`` (B, heads, nq, C) are the queries at flat grid positions ``q_index`` (B, nq) (a
+    pruning method's kept tokens). Returns ``rel_h`` (B, heads, nq, kh) and ``rel_w``
+    (B, heads, nq, kw); only the ``nq`` rows are computed (and counted).
+    """
+    qw = q_grid[1]
+    kh, kw = k_grid
+    rh = get_rel_pos(q_grid[0], kh, rel_pos_h)[q_index.div(qw, rounding_mode="floor")]
+    rw = get_rel_pos(qw, kw, rel_pos_w)[q_index.remainder(qw)]  # (B, nq, kw, C)
+    rel_h = torch.einsum("bhnc,bnkc->bhnk", q, rh)
+    rel_w = torch.einsum("bhnc,bnkc->bhnk", q, rw)
+    if ledger is not None:
+        ledger.matmul(q.shape[1] * q.shape[2] * (kh + kw), q.shape[3], category)
+    return rel_h, rel_w
+
+
 def add_rel_pos(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
                 k_grid: Grid) -> torch.Tensor:
     """``logits`` (..., Nq, kh*kw) plus the decomposed terms; returns a new tensor."""
