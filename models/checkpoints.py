@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +45,10 @@ def load_file(source: str | os.PathLike | BinaryIO, name: str | None = None) -> 
     """
     label = name or (str(source) if not hasattr(source, "read") else "<stream>")
     suffix = Path(label).suffix.lower()
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{label}: unsupported checkpoint format {suffix or '(no suffix)'}; use .safetensors "
+            f"or one of {', '.join(PICKLE_SUFFIXES)}")
     if hasattr(source, "read"):
         data = source.read()
     else:
@@ -58,10 +63,6 @@ def load_file(source: str | os.PathLike | BinaryIO, name: str | None = None) -> 
             return st_load(data)
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{label}: not a readable safetensors file ({exc})") from None
-    if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{label}: unsupported checkpoint format {suffix or '(no suffix)'}; use .safetensors "
-            f"or one of {', '.join(PICKLE_SUFFIXES)}")
     if not data:
         raise CheckpointError(f"{label}: the file is empty")
     is_torch_archive = data[:4] == b"PK\x03\x04"
@@ -88,12 +89,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unsafe_detail(message: str) -> str:
-    """The global torch's weights-only unpickler refused, from its message."""
-    for line in message.splitlines():
-        line = line.strip()
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line.replace("WeightsUnpickler error:", "").strip()[:200]
-    return "objects other than tensors"
+    """What torch's weights-only unpickler refused, from its message."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+    if found:
+        return f"the global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: *(.+)", message)
+    return found.group(1).strip()[:200] if found else "objects other than tensors"
 
 
 #: Globals a numpy-array pickle needs (protocols 0-5, numpy 1 and 2 module names).
