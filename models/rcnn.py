@@ -274,7 +274,7 @@ class StandardROIHeads(nn.Module):
                 image_sizes: list[tuple[int, int]], score_threshold: float,
                 ledger: Ledger | None = None) -> list[Detections]:
         s = self.settings
-        counts = torch.tensor([len(p) for p in proposals], dtype=torch.float64)
+        counts = torch.tensor([len(p) for p in proposals], dtype=torch.float64, device="cpu")
         x = self.box_head(self.pool(features, proposals), ledger, counts)
         logits, deltas = self.box_predictor(x, ledger, counts)
         probs = F.softmax(logits.float(), dim=-1)
@@ -343,7 +343,7 @@ class RCNNHead(nn.Module):
         first = features[s.box_in_features[0]]
         b = first.shape[0]
         pooled = first.new_zeros(b * n, first.shape[1], s.pooler_resolution, s.pooler_resolution)
-        counts = torch.full((b,), float(n), dtype=torch.float64)
+        counts = torch.full((b,), float(n), dtype=torch.float64, device="cpu")  # ledger counts
         x = self.roi_heads.box_head(pooled, ledger, counts)
         cls, box = self.roi_heads.box_predictor(x, ledger, counts)
         return {"objectness": torch.cat(logits, 1), "anchor_deltas": torch.cat(deltas, 1),
