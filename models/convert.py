@@ -109,19 +109,19 @@ def convert_for(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
 
 # --- shared pieces -------------------------------------------------------------------------
 
+def first_rule(text: str, rules: list[tuple[str, str]]) -> str:
+    """``text`` rewritten by the first ``(regex, replacement)`` rule that matches, if any."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, text)
+        if n:
+            return new
+    return text
+
+
 def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Apply the first matching ``(regex, replacement)`` rule to every key; keys no rule
-    matches are kept as they are (they show up as unexpected when loading)."""
-    compiled = [(re.compile(p), r) for p, r in rules]
-    out = {}
-    for key, value in state.items():
-        new = key
-        for pattern, repl in compiled:
-            new, n = pattern.subn(repl, key)
-            if n:
-                break
-        out[new] = value
-    return out
+    """Apply the first matching rule to every key; keys no rule matches are kept as they are
+    (they show up as unexpected when loading)."""
+    return {first_rule(key, rules): value for key, value in state.items()}
 
 
 def own_shape(model: nn.Module, key: str) -> tuple[int, ...] | None:
@@ -217,11 +217,15 @@ def from_detectron2_vitdet(model: nn.Module, state: dict[str, torch.Tensor],
         (r"^proposal_generator\.", "head.proposal_generator."),
         (r"^roi_heads\.", "head.roi_heads."),
     ])
+    _fit_vitdet_tables(model, out, conv)
+    return out
+
+
+def _fit_vitdet_tables(model: nn.Module, out: dict[str, torch.Tensor], conv: Conversion) -> None:
     if "backbone.pos_embed" in out:
         out["backbone.pos_embed"] = fit_pos_embed(model, "backbone.pos_embed",
                                                   out["backbone.pos_embed"], conv)
     fit_rel_pos(model, out, conv)
-    return out
 
 
 # --- the Eventful Transformers code's own layouts ------------------------------------------
@@ -248,12 +252,7 @@ def _eventful_blocks(key: str, prefix: str, target: str) -> str:
     m = re.match(rf"^{re.escape(prefix)}blocks\.(\d+)(\..*)$", key)
     if not m:
         return key
-    rest = m.group(2)
-    for pattern, repl in EVENTFUL_BLOCK_RULES:
-        rest, n = re.subn(pattern, repl, rest)
-        if n:
-            break
-    return f"{target}.{m.group(1)}{rest}"
+    return f"{target}.{m.group(1)}{first_rule(m.group(2), EVENTFUL_BLOCK_RULES)}"
 
 
 @register("eventful-vitdet", lambda s: "embedding.conv.weight" in s
@@ -274,10 +273,7 @@ def from_eventful_vitdet(model: nn.Module, state: dict[str, torch.Tensor],
             new = "head." + key
         out[new] = value
     _drop(out, conv, r"head\.roi_heads\.(mask_head|keypoint_head)\.")
-    if "backbone.pos_embed" in out:
-        out["backbone.pos_embed"] = fit_pos_embed(model, "backbone.pos_embed",
-                                                  out["backbone.pos_embed"], conv)
-    fit_rel_pos(model, out, conv)
+    _fit_vitdet_tables(model, out, conv)
     return out
 
 
@@ -313,24 +309,23 @@ def from_eventful_vivit(model: nn.Module, state: dict[str, torch.Tensor],
         new = fixed.get(key, key)
         new = _eventful_blocks(new, "spatial_model.backbone.", "backbone.blocks")
         new = _eventful_blocks(new, "temporal_model.backbone.", "temporal")
-        new = re.sub(r"^spatial_model\.layer_norm\.", "backbone.norm.", new)
-        new = re.sub(r"^temporal_model\.layer_norm\.", "temporal_norm.", new)
-        new = re.sub(r"^classifier\.", "head.", new)
-        out[new] = value
+        out[first_rule(new, [(r"^spatial_model\.layer_norm\.", "backbone.norm."),
+                             (r"^temporal_model\.layer_norm\.", "temporal_norm."),
+                             (r"^classifier\.", "head.")])] = value
     _vivit_common(model, out, conv)
     return out
 
 
 # --- ViViT, factorised encoder (TAdaConv layout) ------------------------------------------
 
-def _tadaconv_layer(rest: str) -> str:
-    for pattern, repl in [(r"^\.norm\.", ".norm1."), (r"^\.attn\.to_qkv\.", ".attn.qkv."),
-                          (r"^\.norm_ffn\.", ".norm2."), (r"^\.ffn\.net\.0\.", ".mlp.fc1."),
-                          (r"^\.ffn\.net\.3\.", ".mlp.fc2.")]:
-        rest, n = re.subn(pattern, repl, rest)
-        if n:
-            break
-    return rest
+#: Block parts: TAdaConv's ``BaseTransformerLayer`` names -> timm names.
+TADACONV_BLOCK_RULES = [
+    (r"^\.norm\.", ".norm1."),
+    (r"^\.attn\.to_qkv\.", ".attn.qkv."),
+    (r"^\.norm_ffn\.", ".norm2."),
+    (r"^\.ffn\.net\.0\.", ".mlp.fc1."),   # Linear, GELU, Dropout, Linear: net.0 and net.3
+    (r"^\.ffn\.net\.3\.", ".mlp.fc2."),
+]
 
 
 @register("vivit-factorised", lambda s: "backbone.stem.conv1.weight" in s
@@ -354,12 +349,11 @@ def from_vivit_factorised(model: nn.Module, state: dict[str, torch.Tensor],
         m = re.match(r"^backbone\.(layers|layers_temporal)\.(\d+)(\..*)$", key)
         if m:
             target = "backbone.blocks" if m.group(1) == "layers" else "temporal"
-            out[f"{target}.{m.group(2)}{_tadaconv_layer(m.group(3))}"] = value
+            out[f"{target}.{m.group(2)}{first_rule(m.group(3), TADACONV_BLOCK_RULES)}"] = value
             continue
-        new = re.sub(r"^backbone\.norm\.", "backbone.norm.", key)
-        new = re.sub(r"^backbone\.norm_out\.", "temporal_norm.", new)
-        new = re.sub(r"^head\.linear1?\.", "head.", new)
-        out[new] = value
+        # backbone.norm.* keeps its name (the spatial model's final norm)
+        out[first_rule(key, [(r"^backbone\.norm_out\.", "temporal_norm."),
+                             (r"^head\.linear1?\.", "head.")])] = value
     _vivit_common(model, out, conv)
     return out
 
