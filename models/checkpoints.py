@@ -74,7 +74,8 @@ def load_file(source: str | os.PathLike | BinaryIO, name: str | None = None) -> 
         if is_torch_archive or suffix != ".pkl":
             if "Weights only load failed" in str(exc):
                 raise _refused(label, _unsafe_detail(str(exc))) from None
-            raise CheckpointError(f"{label}: not a readable checkpoint ({_first_line(exc)})") from None
+            raise CheckpointError(
+                f"{label}: not a readable checkpoint ({_first_line(exc)})") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError ... on bad files
         if is_torch_archive or suffix != ".pkl":
             raise CheckpointError(
@@ -108,7 +109,8 @@ _NUMPY_GLOBALS = {
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _NUMPY_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
+        numpy_dtype = module == "numpy.dtypes" and name.endswith("DType")  # numpy 2 dtypes
+        if (module, name) in _NUMPY_GLOBALS or numpy_dtype:
             import importlib
 
             return getattr(importlib.import_module(module), name)
@@ -175,7 +177,8 @@ def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         for label, items in (("missing", missing), ("unexpected", unexpected),
                              ("wrong shape", shapes)):
             if items:
-                shown = ", ".join(items[:12]) + (f" ... (+{len(items) - 12})" if len(items) > 12 else "")
+                more = f" ... (+{len(items) - 12})" if len(items) > 12 else ""
+                shown = ", ".join(items[:12]) + more
                 parts.append(f"{label} keys ({len(items)}): {shown}")
         target = getattr(getattr(model, "arch", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))

@@ -98,8 +98,9 @@ def convert(model: nn.Module, state: dict[str, torch.Tensor]) -> Conversion:
     for name, _detect, fn in CONVERTERS:
         if name == fmt:
             conv.state = fn(model, dict(state), conv)
-    for key in conv.dropped:
-        log.warning("checkpoint key %s dropped: %s has no such part", key, type(model).__name__)
+    if conv.dropped:
+        log.warning("%d checkpoint keys dropped, %s has no such parts: %s", len(conv.dropped),
+                    type(model).__name__, ", ".join(conv.dropped))
     return conv
 
 
@@ -131,46 +132,38 @@ def own_shape(model: nn.Module, key: str) -> tuple[int, ...] | None:
 
 def fit_pos_embed(model: nn.Module, key: str, pos: torch.Tensor, conv: Conversion,
                   source_prefix: int | None = None) -> torch.Tensor:
-    """A learned grid table (1, P + H*W, D) made to fit ``model``'s ``key``: class slots the
-    model does not have are dropped (detectron2 keeps one from pre-training), and a grid of
+    """A learned grid table (1, P + H*W, D) made to fit ``model``'s ``key``: a class slot the
+    model does not have is dropped (detectron2 keeps one from pre-training), and a grid of
     another size is resized bicubically (as detectron2 and timm do when sizes differ)."""
     want = own_shape(model, key)
     if want is None or tuple(pos.shape) == want:
         return pos
+    backbone = model.get_submodule(key.rsplit(".", 1)[0])
     n = pos.shape[1]
     if source_prefix is None:  # a square count has no class slot; square + 1 has one
-        side = int(round(n ** 0.5))
-        source_prefix = 0 if side * side == n else 1
-    target_prefix = getattr(_backbone_of(model, key), "prefix", 0)
-    grid_n = n - source_prefix
-    side = int(round(grid_n ** 0.5))
-    if side * side != grid_n:
-        return pos  # not a square grid: let loading report the shape
-    prefix, grid = pos[:, :source_prefix], pos[:, source_prefix:]
-    dst = _backbone_of(model, key).pretrain_grid
-    if (side, side) != tuple(dst):
+        source_prefix = 0 if math.isqrt(n) ** 2 == n else 1
+    side = math.isqrt(n - source_prefix)
+    if side * side != n - source_prefix or source_prefix < backbone.prefix:
+        return pos  # not a square grid, or no class slot to keep: loading reports the shape
+    grid = pos[:, source_prefix:]
+    dst = tuple(backbone.pretrain_grid)
+    if (side, side) != dst:
         grid = resize_pos_embed(grid, (side, side), dst)
         conv.notes.append(f"{key}: position grid {side}x{side} resized to {dst[0]}x{dst[1]}")
-    if target_prefix == 0 and source_prefix:
+    if source_prefix > backbone.prefix:
         conv.notes.append(f"{key}: class-token slot of the position table dropped")
-        return grid
-    if target_prefix == source_prefix:
-        return torch.cat([prefix, grid], dim=1)
-    return pos
-
-
-def _backbone_of(model: nn.Module, key: str) -> nn.Module:
-    return model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+    return torch.cat([pos[:, :backbone.prefix], grid], dim=1)
 
 
 def fit_rel_pos(model: nn.Module, state: dict[str, torch.Tensor], conv: Conversion) -> None:
     """Relative-position tables of another length (a checkpoint trained at another input
     size) resized linearly, as detectron2's ``get_rel_pos`` does at run time."""
+    own = model.state_dict()
     for key, table in list(state.items()):
-        if not key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")):
+        if not key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) or key not in own:
             continue
-        want = own_shape(model, key)
-        if want is None or tuple(table.shape) == want or table.shape[1] != want[1]:
+        want = tuple(own[key].shape)
+        if tuple(table.shape) == want or table.shape[1] != want[1]:
             continue
         resized = F.interpolate(table.t()[None].float(), size=want[0], mode="linear")[0].t()
         state[key] = resized.to(table.dtype).contiguous()
@@ -363,7 +356,8 @@ def _vivit_common(model: nn.Module, out: dict[str, torch.Tensor], conv: Conversi
     if key in out:
         w = out[key]
         want = own_shape(model, key)
-        if w.ndim == 5 and want is not None and len(want) == 4 and w.shape[1] * w.shape[2] != want[1]:
+        frame_model = want is not None and len(want) == 4
+        if w.ndim == 5 and frame_model and w.shape[1] * w.shape[2] != want[1]:
             t, model_t = w.shape[2], want[1] // w.shape[1]
             raise _shape_error(f"the checkpoint embeds tubelets of {t} frames but the model "
                                f"takes {model_t}; build it with tubelet={t}")

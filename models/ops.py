@@ -159,7 +159,8 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int | tup
     start = 0
     while start < r:
         stop = start + 1
-        while stop < r and (stop + 1 - start) * float(extent[order[stop]]) * c <= max_window_elements:
+        while stop < r and (stop + 1 - start) * float(extent[order[stop]]) * c \
+                <= max_window_elements:
             stop += 1
         idx = order[start:stop]
         wy, y0 = _axis_weights(boxes[idx, 1], bin_h[idx], grid_h[idx], h, out_h,

@@ -295,7 +295,8 @@ class StandardROIHeads(nn.Module):
         finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
         boxes, probs = boxes[finite], probs[finite]
         scores = probs[:, :-1]
-        boxes = clip_boxes(boxes.reshape(-1, 4), image_size).view(len(scores), -1, 4)
+        per_box = boxes.shape[1] // 4  # 1 (class-agnostic) or one box per class
+        boxes = clip_boxes(boxes.reshape(-1, 4), image_size).view(len(scores), per_box, 4)
         mask = scores > score_threshold
         inds = torch.nonzero(mask)          # (roi, class)
         boxes = boxes[inds[:, 0], 0] if boxes.shape[1] == 1 else boxes[mask]

@@ -52,7 +52,8 @@ def test_malicious_plain_pickle_is_refused(tmp_path, protocol):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"model": CreatesMarker(marker)}, protocol=protocol))
-    with pytest.raises(CheckpointError, match=r"refused: unpickling it would need the global \w+\.open"):
+    refused = r"refused: unpickling it would need the global \w+\.open"
+    with pytest.raises(CheckpointError, match=refused):
         load_file(path)
     assert not marker.exists()
 

@@ -262,7 +262,8 @@ def test_vivit_tubelet_mismatch_is_explained(tmp_path):
 
 
 def eventful_vivit_from(sd):
-    """The Eventful Transformers code's layout for the same weights (configs/convert/vivit_b.txt)."""
+    """The Eventful Transformers code's layout for the same weights
+    (configs/convert/vivit_b.txt)."""
     parts = {"norm": "input_layer_norm", "attn.to_qkv": "qkv", "attn.proj": "projection",
              "norm_ffn": "mlp_layer_norm", "ffn.net.0": "mlp_1", "ffn.net.3": "mlp_2"}
     out = {"embedding.conv.weight": sd["backbone.stem.conv1.weight"],
@@ -329,12 +330,15 @@ def detectron2_vitdet_state(grid=GRID, mask_head=True):
         sd[f"{p}.attn.rel_pos_h"] = rnd(2 * size - 1, HEAD_DIM)
         sd[f"{p}.attn.rel_pos_w"] = rnd(2 * size - 1, HEAD_DIM)
     # simple feature pyramid: ConvTranspose2d weights are (in, out, k, k)
-    sd.update({"backbone.simfp_2.0.weight": rnd(D, D // 2, 2, 2), "backbone.simfp_2.0.bias": rnd(D // 2)})
+    sd.update({"backbone.simfp_2.0.weight": rnd(D, D // 2, 2, 2),
+               "backbone.simfp_2.0.bias": rnd(D // 2)})
     sd.update(norm_params("backbone.simfp_2.1", D // 2))
-    sd.update({"backbone.simfp_2.3.weight": rnd(D // 2, D // 4, 2, 2), "backbone.simfp_2.3.bias": rnd(D // 4)})
+    sd.update({"backbone.simfp_2.3.weight": rnd(D // 2, D // 4, 2, 2),
+               "backbone.simfp_2.3.bias": rnd(D // 4)})
     sd.update(conv_params("backbone.simfp_2.4", NECK, D // 4, 1, bias=False, norm=True))
     sd.update(conv_params("backbone.simfp_2.5", NECK, NECK, 3, bias=False, norm=True))
-    sd.update({"backbone.simfp_3.0.weight": rnd(D, D // 2, 2, 2), "backbone.simfp_3.0.bias": rnd(D // 2)})
+    sd.update({"backbone.simfp_3.0.weight": rnd(D, D // 2, 2, 2),
+               "backbone.simfp_3.0.bias": rnd(D // 2)})
     sd.update(conv_params("backbone.simfp_3.1", NECK, D // 2, 1, bias=False, norm=True))
     sd.update(conv_params("backbone.simfp_3.2", NECK, NECK, 3, bias=False, norm=True))
     sd.update(conv_params("backbone.simfp_4.0", NECK, D, 1, bias=False, norm=True))
@@ -390,7 +394,8 @@ def test_detectron2_vitdet_round_trip(tmp_path):
     conv = model.checkpoint_conversion
     assert conv.format == "detectron2-vitdet"
     assert sorted(conv.dropped) == sorted(k for k in sd if ".mask_head." in k)
-    torch.testing.assert_close(model.backbone.pos_embed.detach(), sd["backbone.net.pos_embed"][:, 1:])
+    torch.testing.assert_close(model.backbone.pos_embed.detach(),
+                               sd["backbone.net.pos_embed"][:, 1:])
     ref = build_model(arch="vitdet-b-rcnn", **VITDET_OPTS)
     assign_by_hand(ref, sd)
     images = torch.randn(2, 3, 128, 128)
@@ -428,7 +433,8 @@ def test_relative_positions_of_another_resolution_resize_as_detectron2_does(tmp_
 
 
 def eventful_vitdet_from(sd):
-    """The Eventful Transformers code's remap of a detectron2 ViTDet (configs/convert/vitdet_b.txt)."""
+    """The Eventful Transformers code's remap of a detectron2 ViTDet
+    (configs/convert/vitdet_b.txt)."""
     parts = {"norm1": "input_layer_norm", "attn.qkv": "qkv", "attn.proj": "projection",
              "norm2": "mlp_layer_norm", "mlp.fc1": "mlp_1", "mlp.fc2": "mlp_2",
              "attn.rel_pos_h": "relative_position.y_embedding",
@@ -467,8 +473,8 @@ def eventful_vitdet_from(sd):
 
 def test_eventful_vitdet_layout_loads_the_same_weights(tmp_path):
     sd = detectron2_vitdet_state(mask_head=False)
-    via_d2 = build_model(arch="vitdet-b-rcnn", checkpoint=save_torch(tmp_path, "d2.pth", {"model": sd}),
-                         **VITDET_OPTS)
+    d2_path = save_torch(tmp_path, "d2.pth", {"model": sd})
+    via_d2 = build_model(arch="vitdet-b-rcnn", checkpoint=d2_path, **VITDET_OPTS)
     ev = build_model(arch="vitdet-b-rcnn", **VITDET_OPTS)
     conv = load_into(ev, save_torch(tmp_path, "eventful.pth", eventful_vitdet_from(sd)))
     assert conv.format == "eventful-vitdet"
@@ -491,7 +497,8 @@ def test_a_dict_that_does_not_fit_lists_missing_and_unexpected_keys(tmp_path):
     assert "wrong shape keys (1): head.roi_heads.box_predictor.cls_score.weight" in msg
     # a CenterNet-headed detector cannot take the R-CNN head: every head key is listed
     with pytest.raises(CheckpointError, match=r"missing keys .*head\.heatmap"):
-        build_model(arch="vitdet-b", checkpoint=save_torch(tmp_path, "ok.pth", {"model": detectron2_vitdet_state()}),
+        build_model(arch="vitdet-b",
+                    checkpoint=save_torch(tmp_path, "ok.pth", {"model": detectron2_vitdet_state()}),
                     **{k: v for k, v in VITDET_OPTS.items() if k != "rcnn"})
 
 

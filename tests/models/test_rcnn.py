@@ -122,3 +122,10 @@ def test_runner_clips_proposals_to_the_frame_not_the_padding(detector):
     assert len(got) == len(want) > 0
     torch.testing.assert_close(got.boxes, want.boxes / 2)
     assert (got.boxes[:, 3] <= 32).all()
+
+
+def test_an_image_without_proposals_gives_no_detections(detector):
+    """Every proposal of a zero-size image is empty after clipping: no RoIs, no boxes."""
+    dets = detect(detector, torch.randn(2, 3, 128, 128), [(128, 128), (0, 0)])
+    assert len(dets[0]) > 0 and len(dets[1]) == 0
+    assert dets[1].boxes.shape == (0, 4)
