@@ -55,13 +55,15 @@ class FlopsReport:
         return out
 
 
-def build_meta(name: str, resolution: int | None = None, frames: int | None = None
-               ) -> tuple[nn.Module, str]:
+def build_meta(name: str, resolution: int | None = None, frames: int | None = None,
+               options: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
     """Model ``name`` (an architecture or a zoo model) on the meta device; returns it and its
-    architecture name. ``frames`` sets the clip length of recognizers."""
+    architecture name. ``frames`` sets the clip length of recognizers; ``options`` are
+    architecture options (:func:`models.registry.build_arch`)."""
     from .registry import ARCHS, ModelError, build_arch, zoo_entries
 
-    options: dict[str, Any] = {}
+    extra = dict(options or {})
+    options = {}
     class_names = None
     zoo = zoo_entries()
     if name in zoo:
@@ -72,6 +74,7 @@ def build_meta(name: str, resolution: int | None = None, frames: int | None = No
         raise ModelError(f"unknown model {name!r}; zoo models: "
                          f"{', '.join(sorted(zoo)) or '(none shipped)'}; architectures: "
                          f"{', '.join(sorted(ARCHS))}")
+    options.update(extra)
     family = ARCHS[arch].family
     if frames is not None:
         if family not in ("videomae", "vivit"):
@@ -88,10 +91,10 @@ def build_meta(name: str, resolution: int | None = None, frames: int | None = No
     return model.eval(), arch
 
 
-def count_dense(name: str, resolution: int | None = None, frames: int | None = None
-                ) -> FlopsReport:
+def count_dense(name: str, resolution: int | None = None, frames: int | None = None,
+                options: dict[str, Any] | None = None) -> FlopsReport:
     """Dense GMACs of model ``name`` at ``resolution`` (default: the model's own)."""
-    model, arch = build_meta(name, resolution, frames)
+    model, arch = build_meta(name, resolution, frames, options)
     r = int(model.input_size)
     led = Ledger(1)
     family = model.arch.family

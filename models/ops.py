@@ -131,7 +131,8 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int | tup
     pixels. Each output bin averages bilinear samples on a regular grid of
     ``sampling_ratio`` points per axis (0: ``ceil(roi size / output size)``, adaptive);
     ``aligned`` shifts the box by half a pixel (detectron2's ROIAlignV2). Samples more than one
-    pixel outside the map count as 0. Returns (R, C, out_h, out_w) in the features' dtype.
+    pixel outside the map count as 0. Returns (R, C, out_h, out_w) in the features' dtype
+    (computed in float32).
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     r = rois.shape[0]
@@ -171,11 +172,12 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int | tup
         cols = (x0[:, None] + torch.arange(wx.shape[2], device=rois.device)).clamp(max=w - 1)
         bi = rois[idx, 0].long()
         window = channels_last[bi[:, None, None], rows[:, :, None], cols[:, None, :]]  # n,Ky,Kx,C
-        n, ky, kx, _ = window.shape
-        wx = (wx / count[idx, None, None]).to(features.dtype)
-        t = torch.matmul(wx[:, None], window)                        # n, Ky, out_w, C
-        pooled = torch.bmm(wy.to(features.dtype), t.reshape(n, ky, out_w * c))
-        out[idx] = pooled.view(n, out_h, out_w, c).permute(0, 3, 1, 2)
+        # sums in float32 whatever the features' dtype (torchvision's roi_align under autocast)
+        window = window.float()
+        n, ky = window.shape[:2]
+        t = torch.matmul((wx / count[idx, None, None])[:, None], window)  # n, Ky, out_w, C
+        pooled = torch.bmm(wy, t.reshape(n, ky, out_w * c))
+        out[idx] = pooled.view(n, out_h, out_w, c).permute(0, 3, 1, 2).to(features.dtype)
         start = stop
     return out
 

@@ -21,6 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="square input size in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--frames", type=int, metavar="N",
                    help="frames per clip, for clip models (videomae, vivit)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an architecture option, e.g. tubelet=2 (ViViT) or "
+                        "'rcnn={\"post_nms_topk\": 300}'; values are read as JSON when they "
+                        "parse (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.set_defaults(func=run)
 
@@ -32,14 +36,27 @@ def run(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames <= 0:
         raise UserError(f"--frames must be positive, got {args.frames}")
     try:
-        report = count_dense(args.model, args.resolution, args.frames)
-    except ModelError as exc:
+        report = count_dense(args.model, args.resolution, args.frames, _options(args.option))
+    except (ModelError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0
     print(format_report(report))
     return 0
+
+
+def _options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def format_report(report) -> str:
@@ -71,4 +88,6 @@ def format_report(report) -> str:
 
 
 def _gmacs(value: float) -> str:
+    if 0 < value < 0.0001:
+        return "<0.0001"
     return f"{value:.4f}" if 0 < value < 0.01 else f"{value:.2f}"

@@ -57,11 +57,25 @@ def test_rcnn_head_is_counted_to_its_raw_outputs(capsys):
     assert 250 < report["gmacs_by_part"]["head"] < 350
 
 
+def test_architecture_options(capsys):
+    """The published ViViT-B embeds 2-frame tubelets: half the spatial steps of a clip."""
+    _, frames, _ = flops(capsys, "--model", "vivit-b", "--frames", "32", "--json")
+    _, tubelets, _ = flops(capsys, "--model", "vivit-b", "--frames", "32", "--option", "tubelet=2",
+                           "--json")
+    assert json.loads(tubelets)["backbone_gmacs"] < 0.51 * json.loads(frames)["backbone_gmacs"]
+    # 16 steps of a 2x16x16 tubelet convolution (and bias) per token, plus the position add
+    embed_step = 196 * 768 * (2 * 3 * 16 * 16 + 1) + 197 * 768
+    assert json.loads(tubelets)["gmacs_by_part"]["patch_embed"] == pytest.approx(
+        16 * embed_step / 1e9, rel=1e-9)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "vitdet-b", "--resolution", "1000"], "multiple of the patch size"),
     (["--model", "vitdet-b", "--frames", "8"], "--frames applies to clip models"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--model", "videomae-b", "--frames", "0"], "--frames must be positive"),
+    (["--model", "vitdet-b", "--option", "colour=red"], "unknown options for vitdet-b: colour"),
+    (["--model", "vitdet-b", "--option", "tubelet"], "--option expects KEY=VALUE"),
 ])
 def test_user_mistakes_exit_2_with_a_message(capsys, args, message):
     code, out, err = flops(capsys, *args)
