@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import UserError
+from .train_gates import _parse_options  # KEY=VALUE, values read as JSON
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames <= 0:
         raise UserError(f"--frames must be positive, got {args.frames}")
     try:
-        report = count_dense(args.model, args.resolution, args.frames, _options(args.option))
+        report = count_dense(args.model, args.resolution, args.frames,
+                             _parse_options(args.option))
     except (ModelError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -44,19 +46,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_report(report))
     return 0
-
-
-def _options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def format_report(report) -> str:

@@ -75,7 +75,7 @@ def test_architecture_options(capsys):
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--model", "videomae-b", "--frames", "0"], "--frames must be positive"),
     (["--model", "vitdet-b", "--option", "colour=red"], "unknown options for vitdet-b: colour"),
-    (["--model", "vitdet-b", "--option", "tubelet"], "--option expects KEY=VALUE"),
+    (["--model", "vitdet-b", "--option", "tubelet"], "expected KEY=VALUE"),
 ])
 def test_user_mistakes_exit_2_with_a_message(capsys, args, message):
     code, out, err = flops(capsys, *args)
