@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import UserError
-from .train_gates import _parse_options  # KEY=VALUE, values read as JSON
+from ..options import parse_key_values
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be positive, got {args.frames}")
     try:
         report = count_dense(args.model, args.resolution, args.frames,
-                             _parse_options(args.option))
+                             parse_key_values(args.option))
     except (ModelError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     if args.json:
