@@ -11,7 +11,15 @@ from models.ledger import Ledger
 from models.methods import MethodError
 from models.methods.gates import PreviousFrameGate, Threshold
 
-from .streams import VIDEOS, all_tokens, clips, one_thread, run_backbone, vitdet, vivit  # noqa: F401
+from .streams import (  # noqa: F401  (fixtures)
+    VIDEOS,
+    all_tokens,
+    clips,
+    one_thread,
+    run_backbone,
+    vitdet,
+    vivit,
+)
 from .test_eventful import hand_count
 
 
