@@ -38,7 +38,7 @@ from ..layers import Block, Grid, rel_pos_terms
 from ..ledger import Ledger
 from ..vit import Embedded, ViT
 from . import register
-from .base import Method, MethodError, MethodState, StepContext
+from .base import Method, MethodState, StepContext
 from .gates import Buffer, Gate, GateParams, Selection, count_linear, count_rows
 
 
@@ -126,11 +126,7 @@ class Eventful(Method):
 
     def forward(self, backbone: ViT, emb: Embedded, state: EventfulState, ledger: Ledger,
                 ctx: StepContext) -> torch.Tensor:
-        first = torch.as_tensor(ctx.first)
-        if bool(first.any()) and not bool(first.all()):
-            raise MethodError(f"{self.name}: the streams of one state start together; "
-                              "give a stream that starts later its own state")
-        flush = bool(first.all()) or not state.started
+        flush = bool(ctx.first) or not state.started  # streams of one state start together
         if flush:
             state.reset()
         x = emb.tokens

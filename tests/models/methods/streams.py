@@ -9,29 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from models import StreamRunner, build_arch, build_model
+from models import StreamRunner, build_model
+from models.flops import build_meta
 from models.ledger import Ledger
 from models.methods import Method, StepContext
-
-SAMPLES = Path(__file__).resolve().parents[3] / "jobs" / "samples" / "videos"
 
 VIDEOS = ("mma_test.mp4", "decord_flipping_a_pancake.mkv", "mma_test.avi")
 FRAMES = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two shared cores: intra-op spinning makes these tiny ops many times slower on 2 threads
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
-def clips() -> dict[str, list]:
+def clips(sample_videos) -> dict[str, list]:
     """The first frames of three real clips of different sizes."""
-    return {name: read_frames(name, FRAMES) for name in VIDEOS}
+    return {name: read_frames(sample_videos / name, FRAMES) for name in VIDEOS}
 
 
 def vitdet(input_size: int = 224, **options):
@@ -56,11 +46,11 @@ def all_tokens(policy: str, tokens: int) -> dict:
             "top_fraction": {"policy": "top_fraction", "fraction": 1.0}}[policy]
 
 
-def read_frames(name: str, count: int, start: int = 0) -> list[np.ndarray]:
-    """``count`` consecutive decoded RGB frames of a sample clip."""
+def read_frames(path: Path, count: int, start: int = 0) -> list[np.ndarray]:
+    """``count`` consecutive decoded RGB frames of a video."""
     import decord
 
-    reader = decord.VideoReader(str(SAMPLES / name))
+    reader = decord.VideoReader(str(path))
     return list(reader.get_batch(list(range(start, start + count))).asnumpy())
 
 
@@ -99,8 +89,7 @@ def meta_gmacs(arch: str, input_size: int, method: Method, frames: int = 2,
     """Per-frame GMACs by ledger category of ``method`` on a blank stream of ``frames``
     frames, counted on the meta device (shapes only; a top-r policy's counts do not depend
     on frame content)."""
-    with torch.device("meta"):
-        model = build_arch(arch, input_size=input_size, **options)
+    model, _ = build_meta(arch, input_size, options=options)
     state = method.new_state(model.backbone, 1)
     out = []
     for t in range(frames):

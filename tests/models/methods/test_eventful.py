@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from models import StreamRunner, build_method
-from models.methods import MethodError, StepContext
+from models.methods import MethodError
 from models.methods.gates import Buffer, Gate, Threshold, TopFraction, TopR
 
 from .streams import (  # noqa: F401  (fixtures)
@@ -20,7 +20,6 @@ from .streams import (  # noqa: F401  (fixtures)
     all_tokens,
     clips,
     meta_gmacs,
-    one_thread,
     run_backbone,
     vitdet,
     vivit,
@@ -154,18 +153,6 @@ def test_state_never_leaks_between_segments(clips):
     for f, r, n in zip(fresh, reused, new):
         assert torch.equal(f.tokens, r.tokens) and torch.equal(f.tokens, n.tokens)
         assert torch.equal(f.ledger.run_macs(), r.ledger.run_macs())
-
-
-def test_streams_of_one_state_start_together(clips):
-    model = vitdet()
-    method = build_method("eventful", r=48)
-    _, state = run_backbone(model, method, [clips["mma_test.mp4"][:1]] * 2)
-    runner = StreamRunner(model, method)
-    images = torch.stack([runner.preprocess_detection(f)[0] for f in clips["mma_test.avi"][:2]])
-    emb = model.backbone.embed(images)
-    with pytest.raises(MethodError, match="start together"):
-        method.forward(model.backbone, emb, state, None,
-                       StepContext(None, torch.tensor([True, False]), (224, 224)))
 
 
 # --- the ledger -----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from .streams import (  # noqa: F401  (fixtures)
     VIDEOS,
     all_tokens,
     clips,
-    one_thread,
     run_backbone,
     vitdet,
     vivit,
