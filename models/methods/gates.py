@@ -14,8 +14,8 @@ every stream to the largest count of the batch and carry a mask. Padding rows ar
 GPU, where grouping by count would degenerate into a loop over streams and nested tensors do
 not support the gather/scatter/batched-matmul mix the sparse attention update needs. A padding
 row's result is never written back, so a stream's output does not depend on which streams
-share its batch; the padding rows' work goes to the ledger's
-``padding`` category, each stream's own rows to its own count.
+share its batch; the padding rows' work goes to the ledger's ``padding`` category, each
+stream's own rows to its own count.
 
 Counting (../shared/METHODS.md section 0): a gate's error costs ``T x W`` subtractions plus
 ``T x W`` multiply-accumulates for the squared norm, and every row written into a reference or
@@ -73,8 +73,8 @@ class Selection:
 
     # -- rows ---------------------------------------------------------------------------------
     def _flat_rows(self, shape: torch.Size) -> torch.Tensor:
-        """(B, lead, K) positions of the selected rows in ``x.view(-1, *shape[dim + 1:])``,
-        the token dimension being the last before the row contents."""
+        """(B, lead, K) positions of the selected rows in ``x.view(-1, shape[-1])`` for
+        ``x`` of ``shape`` (B, *lead, T, X)."""
         b, t = shape[0], shape[-2]
         lead = math.prod(shape[1:-2])
         base = torch.arange(b * lead, device=self.index.device).view(b, lead, 1) * t
