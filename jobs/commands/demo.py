@@ -48,8 +48,9 @@ def add_parser(sub) -> None:
         description="Run the main job on the sample videos shipped with vidprune (default "
                     "model and method, local Ray), then print where the results are and a "
                     "summary. Any spec key can be changed with --set.")
-    p.add_argument("--out", default="vidprune-demo",
-                   help="output folder (default: ./vidprune-demo; replaced on every run)")
+    p.add_argument("--out", default="vidprune-output/demo",
+                   help="output folder (default: ./vidprune-output/demo; replaced on every "
+                        "run)")
     add_job_options(p)
     p.set_defaults(func=main)
 
