@@ -158,9 +158,8 @@ class AnnotatorActor:
             indices = sampled_indices(int(row["start_frame"]), int(row["end_frame"]), ratio)
             decoder = SegmentDecoder(self.input_fs, row["uri"], indices,
                                      size_bytes=int(row["size_bytes"]))
-            streams.append(_Stream(row, decoder, started))
-        for s in streams:
-            s.columns = {name: [] for name in self._annotation_columns()}
+            streams.append(_Stream(row, decoder, started,
+                                   columns={c: [] for c in self._annotation_columns()}))
         self._run(streams)
         out = []
         for s in streams:
@@ -176,12 +175,15 @@ class AnnotatorActor:
             frames: list[Frame | None] = [s.decoder.read() for s in live]
             ended = [j for j, f in enumerate(frames) if f is None]
             if ended:
+                t0 = time.perf_counter()
                 try:
-                    outs = self.runner.finish(state, ended)
+                    outs = self.runner.finish(state, ended)  # a recognizer's last clip
                 except Exception as exc:
                     self._model_failed([live[j] for j in ended], exc)
                     outs = []
+                share = (time.perf_counter() - t0) / len(ended)
                 for j, out in zip(ended, outs):
+                    live[j].model_s += share
                     self._consume(live[j], out, None)
                 for j in ended:
                     live[j].finished_at = _now()

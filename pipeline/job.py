@@ -37,7 +37,8 @@ from .graph import Resources, run_segments
 from .listing import VideoObject, list_videos, probe_videos
 from .manifest import build_manifest, fingerprint
 from .outputs import (ANNOTATIONS, JOB_FILE, KNOWN_ENTRIES, MANIFEST_FILE, SEGMENTS_DIR,
-                      VIDEOS_FILE, SegmentWriter, completed_segments, read_segments)
+                      VIDEOS_FILE, SegmentWriter, completed_segments, read_manifest,
+                      read_segments)
 from .results import aggregate_videos, format_summary, totals
 from .storage import Location, StorageError, filesystem, identity, is_local, parquet_bytes
 
@@ -160,15 +161,14 @@ def _check_model(spec: Any):
             raise JobRefused(_storage_message(exc), "model.checkpoint") from None
         if not is_local(fs):
             checkpoint_fs = fs
-            model["checkpoint"] = path
     else:
         checkpoint_id = _zoo_identity(model["name"])
     try:
         runner = build_runner(model, spec.pruning.method, spec.pruning.params, checkpoint_fs)
     except MethodError as exc:
         raise JobRefused(str(exc), "pruning") from None
-    except CheckpointError as exc:
-        raise JobRefused(str(exc), "model.checkpoint") from None
+    except (CheckpointError, OSError) as exc:
+        raise JobRefused(_storage_message(exc), "model.checkpoint") from None
     except (ModelError, ValueError, TypeError) as exc:
         raise JobRefused(str(exc), "model") from None
     params = runner.method.describe()
@@ -346,8 +346,11 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
     }
     _write_job_file(plan, doc)
 
-    log(f"{spec.name}: probing {len(plan.videos)} video(s) under {spec.input.uri}")
-    probes = probe_videos(plan.input_fs, plan.videos, workers=_probe_workers())
+    known = _earlier_probes(out) if plan.previous else {}
+    log(f"{spec.name}: probing {len(plan.videos)} video(s) under {spec.input.uri}"
+        + (f" ({sum((v.uri, v.identity) in known for v in plan.videos)} known from the "
+           "earlier run)" if known else ""))
+    probes = probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known)
     manifest = build_manifest(probes, spec.decode.segment_frames, plan.fingerprint,
                               fps=spec.decode.fps,
                               frame_stride=spec.decode.frame_stride
@@ -409,6 +412,22 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
                      len(processed), wall_s, format_summary(t, wall_s, spec.output.uri,
                                                             problems),
                      videos, processed)
+
+
+def _earlier_probes(out: Location) -> dict[tuple[str, str], dict[str, Any]]:
+    """What the earlier run's manifest says about each video (uri, identity), so that a
+    resumed job does not open every unchanged video again. Failed probes are not reused:
+    they may have been transient."""
+    try:
+        manifest = read_manifest(out)
+    except (OSError, ValueError, pa.ArrowException):
+        return {}
+    known = {}
+    for row in manifest.to_pylist():
+        if not row["probe_error"]:
+            known[(row["uri"], row["identity"])] = {
+                k: row[k] for k in ("frames_total", "fps", "width", "height", "duration_s")}
+    return known
 
 
 def _remove_stale(out: Location, ids: set[str]) -> None:

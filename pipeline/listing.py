@@ -66,9 +66,13 @@ def list_videos(fs: Any, root: str, patterns: list[str] | tuple[str, ...]) -> li
 
 
 def probe_videos(fs: Any, videos: list[VideoObject], workers: int = 8,
-                 on_done: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                 on_done: Callable[[int, int], None] | None = None,
+                 known: dict[tuple[str, str], dict[str, Any]] | None = None
+                 ) -> list[dict[str, Any]]:
     """Probe each video (see :func:`operators.decode.probe`); a failure becomes
-    ``probe_error``. Results are in the order of ``videos``."""
+    ``probe_error``. ``known``: probe results by (uri, identity) to reuse instead (a video
+    whose identity is unchanged has not changed). Results are in the order of ``videos``."""
+    known = known or {}
     from operators.decode import clean_error, probe
 
     done = 0
@@ -82,7 +86,8 @@ def probe_videos(fs: Any, videos: list[VideoObject], workers: int = 8,
         try:
             if video.size_bytes == 0:
                 raise ValueError("empty file (0 bytes)")
-            row.update(probe(fs, video.uri, video.size_bytes))
+            row.update(known.get((video.uri, video.identity))
+                       or probe(fs, video.uri, video.size_bytes))
         except Exception as exc:
             row["probe_error"] = clean_error(exc, uri=video.uri)
         with lock:

@@ -134,7 +134,9 @@ def test_segments_resume_overwrite_and_error_modes(ray_session, tiny_detector, v
     os.unlink(out / "segments" / f"{lost_id}.parquet")
     video_factory(videos / "new.mp4", 20)
     os.unlink(videos / "short.mp4")
-    assert main(["run", spec]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["run", spec]) == 0
+    assert "(1 known from the earlier run)" in capsys.readouterr().err  # long.mp4: not reopened
     job = json.loads((out / "job.json").read_text())
     assert job["segments"] == {"total": 8, "skipped": 5, "run": 3, "unreadable_videos": 0}
     assert job["previous_runs"][0]["job_id"] == first_job
