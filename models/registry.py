@@ -63,7 +63,9 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
 
     ``options`` override the recipe: ``depth``, ``dim``, ``heads``, ``input_size``,
     ``window``, ``neck_scales``, ``neck_channels``, ``head_level``, ``clip_frames``,
-    ``temporal_depth``, ``pretrain_grid``.
+    ``temporal_depth``, ``pretrain_grid``. ``svit`` (``{"dense_blocks": .., "keep_ratios":
+    [..]}``) adds SViT gates to the backbone (``models/methods/svit.py``), for checkpoints
+    and zoo entries that ship trained gates.
     """
     try:
         arch = ARCHS[name]
@@ -76,6 +78,7 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
     num_classes = num_classes or _DEFAULT_CLASSES[arch.task]
     class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     input_size = int(opts.pop("input_size", arch.input_size))
+    svit = opts.pop("svit", None)  # trained SViT gates shipped with the weights
     dims = {k: opts.pop(k) for k in ("depth", "dim", "heads") if k in opts}
     pretrain = tuple(opts.pop("pretrain_grid", (14, 14)))
 
@@ -116,6 +119,13 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
         raise ModelError(f"unknown family {arch.family!r}")
     if opts:
         raise ModelError(f"unknown options for {name}: {', '.join(sorted(opts))}")
+    if svit is not None:
+        from .methods.svit import attach_gates
+
+        try:
+            attach_gates(model, svit)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"bad svit gate options for {name}: {exc}") from None
     model.arch = arch
     model.input_size = input_size
     model.build_options = {**options, "input_size": input_size}
