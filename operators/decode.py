@@ -149,7 +149,7 @@ class SegmentDecoder:
     uri: str
     indices: list[int]
     size_bytes: int | None = None
-    max_reopens: int = 4
+    max_reopens: int = 16
     recover_bytes: int = 256 << 20
     error: str | None = None
     frames_decoded: int = 0

@@ -39,7 +39,7 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
                  "--set", "pruning.method=none", "--set", "decode.fps=5"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "ok 7 · partial 1 · error 0" in captured.out
+    assert "ok 7 · partial 1 · error 0" in captured.out, captured.out
     assert f"{out}/videos/videos.parquet" in captured.out
 
     videos = read(out / "videos" / "videos.parquet")
@@ -48,10 +48,10 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
     assert {k: v["frames_total"] for k, v in rows.items()} == SAMPLE_FRAMES
     broken = rows.pop("decord_corrupted.mp4")
     # Frames 0, 2, ... 26 decode (10 fps sampled at 5), then the stream breaks at frame 28.
-    assert broken["status"] == "partial" and broken["frames_decoded"] == 14
-    assert broken["error"].startswith("decoding failed at frame 28")
+    assert broken["status"] == "partial" and broken["frames_decoded"] == 14, broken
+    assert broken["error"].startswith("decoding failed at frame 28"), broken
     for v in rows.values():
-        assert v["status"] == "ok" and v["error"] is None
+        assert v["status"] == "ok" and v["error"] is None, v
         assert v["frames_decoded"] == v["frames_expected"] > 0
         assert v["gmacs_dense"] > 0 and v["gmacs_run"] == pytest.approx(v["gmacs_dense"])
         assert v["savings"] == pytest.approx(0.0, abs=1e-9)
@@ -78,7 +78,7 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
     # One actor, one segment per call: segments started in manifest order (most work first).
     started = segments.to_pandas().set_index("segment_id")["started_at"]
     order = [started[s] for s in manifest.column("segment_id").to_pylist()]
-    assert order == sorted(order)
+    assert order == sorted(order), segments.to_pandas()[["uri", "started_at"]]
 
     job = json.loads((out / "job.json").read_text())
     assert job["status"] == "finished" and job["segments"]["run"] == 8
