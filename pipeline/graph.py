@@ -51,7 +51,9 @@ def run_segments(pending: pa.Table, actor_kwargs: dict[str, Any], resources: Res
     size = max(1, min(int(resources.actors), calls))
     ds = segment_dataset(pending, k).map_batches(
         AnnotatorActor,
-        compute=ray.data.ActorPoolStrategy(size=size),
+        # One call queued per actor: segments are long, and calls queued behind a busy actor
+        # while another sits idle would make stragglers at the end of a job.
+        compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
         batch_size=k,
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor or None,

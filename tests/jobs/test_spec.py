@@ -115,10 +115,23 @@ def test_unknown_models_list_what_is_available(base):
 
 
 def test_default_model_and_method_come_from_the_task(base, monkeypatch):
+    import models
+    from models.registry import ZooEntry
+
+    default = DEFAULT_MODELS["recognition"]
     base["model"] = {"task": "recognition"}
     del base["pruning"]
-    got = problems(base)
-    assert DEFAULT_MODELS["recognition"] in got["model.name"]
+    monkeypatch.setattr(models, "zoo_entries", lambda: {})
+    got = problems(base)["model.name"]
+    assert got.startswith(f"unknown zoo model '{default}'; installed: (none)")
+
+    entry = ZooEntry(default, "videomae-ti", {}, ["a", "b"], "weights.safetensors", {})
+    monkeypatch.setattr(models, "zoo_entries", lambda: {default: entry})
+    monkeypatch.setitem(METHODS, DEFAULT_METHODS["recognition"], ClipOnly)
+    spec, _ = load_spec(None, base=base)
+    assert (spec.model.name, spec.model.task) == (default, "recognition")
+    assert spec.pruning.method == DEFAULT_METHODS["recognition"]
+
     base["model"] = {"arch": "vitdet-ti", "checkpoint": "/w.safetensors"}
     monkeypatch.delitem(METHODS, DEFAULT_METHODS["detection"], raising=False)
     got = problems(base)

@@ -1,5 +1,6 @@
-"""The main job end to end against the S3 server (moto on loopback): videos read from a
-bucket through the range proxy, results written to a bucket; here with a recognizer."""
+"""The main job end to end against the S3 server (moto on loopback): videos and the
+checkpoint read from a bucket (videos streamed through the range proxy), results written to
+a bucket; here with a recognizer."""
 
 import io
 import json
@@ -21,13 +22,15 @@ def test_recognition_job_from_s3_to_s3(ray_session, s3, tiny_recognizer, sample_
     fs.put(str(sample_videos / "mma_part_0.mp4"), "archive/videos/part 0.mp4")
     fs.put(str(video_factory(tmp_path / "gen.mp4", 40)), "archive/videos/gen.MP4")
     fs.pipe_file("archive/videos/readme.txt", b"not a video")
+    fs.put(tiny_recognizer["checkpoint"], "archive/models/rec.safetensors")
 
     storage = {"endpoint_url": s3.endpoint_url}
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "nightly",
         "input": {"uri": "s3://archive/videos/", "storage": storage},
-        "model": {**tiny_recognizer, "top_k": 2},
+        "model": {**tiny_recognizer, "top_k": 2,
+                  "checkpoint": "s3://archive/models/rec.safetensors"},
         "pruning": {"method": "none"},
         "decode": {"frame_stride": 2},
         "output": {"uri": "s3://runs/nightly/"},
@@ -47,6 +50,7 @@ def test_recognition_job_from_s3_to_s3(ray_session, s3, tiny_recognizer, sample_
     assert "127.0.0.1" not in broken["error"]  # the proxy stays out of messages
     gen = rows["s3://archive/videos/gen.MP4"]
     assert gen["status"] == "ok" and gen["frames_decoded"] == 20 and gen["task"] == "recognition"
+    assert gen["model"] == "videomae-ti@rec.safetensors"
     assert rows["s3://archive/videos/part 0.mp4"]["status"] == "ok"
 
     files = [p.rsplit("/", 1)[1] for p in fs.ls("runs/nightly/annotations")]
