@@ -52,8 +52,8 @@ def counted(module: nn.Module, x: torch.Tensor, ledger: Ledger | None,
         return module(x)
     handles = []
 
-    def hook(mod, _inp, out):
-        ledger.add(conv_macs(mod, out), category)
+    def hook(mod, inp, out):
+        ledger.add(conv_macs(mod, out, inp[0]), category)
 
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):

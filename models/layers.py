@@ -54,12 +54,19 @@ class PatchEmbed3D(nn.Module):
         return y.flatten(2).transpose(1, 2), grid
 
 
-def conv_macs(conv: nn.Module, out: torch.Tensor) -> int:
-    """MACs per sample of a convolution that produced ``out`` (bias additions included)."""
-    per_out = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
-    if conv.bias is not None:
-        per_out += 1
-    return out[0].numel() * per_out
+def conv_macs(conv: nn.Module, out: torch.Tensor, inp: torch.Tensor | None = None) -> int:
+    """MACs per sample of a convolution that produced ``out`` (bias additions included).
+
+    A transposed convolution scatters every *input* element through its kernel, so its MACs
+    follow the input (``inp``; without it, the input size is taken as the output size over
+    the stride, exact for ViTDet's stride-equals-kernel upsampling)."""
+    bias = out[0].numel() if conv.bias is not None else 0
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        spatial_in = (inp[0, 0].numel() if inp is not None
+                      else out[0, 0].numel() // math.prod(conv.stride))
+        return (spatial_in * conv.in_channels * (conv.out_channels // conv.groups)
+                * math.prod(conv.kernel_size) + bias)
+    return out[0].numel() * conv.in_channels // conv.groups * math.prod(conv.kernel_size) + bias
 
 
 class Mlp(nn.Module):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..options import parse_key_values
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -47,19 +48,6 @@ def add_parser(subparsers) -> None:
                    help="frames between the frames of a training clip (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
-
-
-def _parse_options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _check_args(args) -> tuple[Path, list[Path], dict]:
@@ -143,7 +131,7 @@ class VideoClips:
 
 def run(args) -> int:
     out, videos, spec = _check_args(args)
-    options = _parse_options(args.option)
+    options = parse_key_values(args.option)
 
     import torch
     from safetensors.torch import save_file

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Block, Grid, get_rel_pos
+from ..layers import Block, Grid, rel_pos_terms_at
 from ..ledger import Ledger
 from ..vit import Embedded, ViT
 from . import register
@@ -169,12 +169,10 @@ def rel_pos_bias_at(attn: nn.Module, q: torch.Tensor, positions: torch.Tensor, g
     are the keys. Returns the (B, h, K, K) bias, the same numbers the dense grid computation
     gives for these query/key pairs.
     """
-    gh, gw = grid
-    table_h = get_rel_pos(gh, gh, attn.rel_pos_h)  # (query row, key row, c)
-    table_w = get_rel_pos(gw, gw, attn.rel_pos_w)
-    rows, cols = positions // gw, positions % gw
-    rel_h = torch.einsum("bhnc,bnkc->bhnk", q, table_h[rows])  # (B, h, K, gh)
-    rel_w = torch.einsum("bhnc,bnkc->bhnk", q, table_w[cols])  # (B, h, K, gw)
+    # the terms of the gathered queries against the full grid (counted by the caller, which
+    # knows each stream's real token count), then read at the gathered keys
+    rel_h, rel_w = rel_pos_terms_at(q, positions, grid, grid, attn.rel_pos_h, attn.rel_pos_w)
+    rows, cols = positions // grid[1], positions % grid[1]
     # per stream, so no (B, h, K, K) index tensor is ever built
     return torch.stack([rel_h[i][..., rows[i]] + rel_w[i][..., cols[i]]
                         for i in range(q.shape[0])])
