@@ -51,6 +51,7 @@ class RangeProxy:
     def __init__(self, chunk_bytes: int = 4 << 20):
         self.chunk_bytes = chunk_bytes
         self._objects: dict[str, _Object] = {}
+        self._failures: dict[str, BaseException] = {}  # first store error per object
         self._lock = threading.Lock()
         self.requests = 0  # ranged reads served (for tests and diagnostics)
         proxy = self
@@ -81,9 +82,22 @@ class RangeProxy:
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{obj.size}")
                         self.send_header("Content-Length", "0")
+                        self._connection_header()
                         self.end_headers()
                         return
                     start, end = parsed
+                first = b""
+                if body and end > start:
+                    # The first read comes before the status line, so that an object that
+                    # vanished or became unreadable since it was listed answers 404/403
+                    # (and the decoder's caller learns why) instead of a body cut short.
+                    try:
+                        first = self._read(obj, token, start, min(end, start + proxy.chunk_bytes))
+                    except Exception as exc:  # the store's error: recorded for the caller
+                        self._status(404 if isinstance(exc, FileNotFoundError) else
+                                     403 if isinstance(exc, PermissionError) else 502)
+                        return
+                if header:
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{obj.size}")
                 else:
@@ -91,28 +105,45 @@ class RangeProxy:
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(end - start))
+                self._connection_header()
                 self.end_headers()
                 if not body:
                     return
                 pos = start
                 try:
-                    while pos < end:
-                        stop = min(end, pos + proxy.chunk_bytes)
-                        data = obj.fs.cat_file(obj.path, start=pos, end=stop)
-                        proxy.requests += 1
-                        if not data:
-                            break
+                    data = first
+                    while data:
                         self.wfile.write(data)
                         pos += len(data)
+                        if pos >= end:
+                            break
+                        data = self._read(obj, token, pos, min(end, pos + proxy.chunk_bytes))
                 except _DISCONNECTS:
                     self.close_connection = True
-                except Exception:  # the store failed mid-response: cut it short
+                except Exception:  # the store failed mid-response (recorded): cut it short
                     self.close_connection = True
+
+            def _read(self, obj: _Object, token: str, start: int, stop: int) -> bytes:
+                try:
+                    data = obj.fs.cat_file(obj.path, start=start, end=stop)
+                except Exception as exc:
+                    with proxy._lock:
+                        proxy._failures.setdefault(token, exc)
+                    raise
+                proxy.requests += 1
+                return data
 
             def _status(self, code: int) -> None:
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
+                self._connection_header()
                 self.end_headers()
+
+            def _connection_header(self) -> None:
+                # Say so when the connection closes after this response: FFmpeg 8 reuses a
+                # drained HTTP/1.1 connection for its next range request unless told.
+                if self.close_connection:
+                    self.send_header("Connection", "close")
 
         self._server = _Server(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
@@ -135,13 +166,23 @@ class RangeProxy:
         return f"http://127.0.0.1:{self.port}/{token}/video{ext}"
 
     def unregister(self, url: str) -> None:
-        token = url.split(f":{self.port}/", 1)[-1].split("/", 1)[0]
+        token = _token(url, self.port)
         with self._lock:
             self._objects.pop(token, None)
+            self._failures.pop(token, None)
+
+    def failure(self, url: str) -> BaseException | None:
+        """The first error the store raised while serving ``url`` (None: no error)."""
+        with self._lock:
+            return self._failures.get(_token(url, self.port))
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _token(url: str, port: int) -> str:
+    return url.split(f":{port}/", 1)[-1].split("/", 1)[0]
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from .graph import Resources, run_segments
 from .listing import VideoObject, list_videos, probe_videos
+from .lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
 from .manifest import build_manifest, fingerprint
 from .outputs import (ANNOTATIONS, JOB_FILE, KNOWN_ENTRIES, MANIFEST_FILE, SEGMENTS_DIR,
                       VIDEOS_FILE, SegmentWriter, completed_segments, read_manifest,
@@ -122,8 +123,10 @@ def plan_job(spec: Any, log: Log = _stderr) -> Plan:
 
 
 def _storage_message(exc: BaseException) -> str:
+    from operators.redact import redact
+
     text = str(exc) or type(exc).__name__
-    return text.replace("\n", " ")[:500]
+    return redact(text.replace("\n", " "))[:500]
 
 
 def _open_output(spec: Any) -> Location:
@@ -171,6 +174,9 @@ def _check_model(spec: Any):
         raise JobRefused(_storage_message(exc), "model.checkpoint") from None
     except (ModelError, ValueError, TypeError) as exc:
         raise JobRefused(str(exc), "model") from None
+    except Exception as exc:  # options that break the architecture in other ways
+        raise JobRefused(f"the model cannot be built with these settings: "
+                         f"{type(exc).__name__}: {_storage_message(exc)}", "model") from None
     params = runner.method.describe()
     model["clip_frames"] = getattr(runner.model, "clip_frames", None) or model.get("clip_frames")
     return model, checkpoint_fs, spec.pruning.method, params, checkpoint_id
@@ -210,13 +216,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any]
                   ) -> dict[str, Any] | None:
-    """Apply the output mode; returns the earlier ``job.json`` when resuming."""
+    """Apply the output mode; returns the earlier ``job.json`` when resuming. An output
+    another job is writing is refused (``pipeline/lock.py``)."""
     try:
         if output.fs.isfile(output.root):
             raise JobRefused(f"{spec.output.uri} is a file, not a folder", "output.uri")
-        entries = output.entries()
+        listed = output.entries()
+        entries = [e for e in listed if e != LOCK_DIR]
+        if LOCK_DIR in listed:
+            OutputLock(output, "").check()
     except JobRefused:
         raise
+    except OutputLocked as exc:
+        raise JobRefused(str(exc), "output.uri") from None
     except OSError as exc:
         raise JobRefused(_storage_message(exc), "output.uri") from None
     if not entries:
@@ -325,7 +337,26 @@ def run_job(spec: Any, address: str | None = None, log: Log = _stderr) -> JobRes
 
 
 def execute(plan: Plan, log: Log = _stderr) -> JobResult:
-    """Run a planned job: the first call that writes to the output."""
+    """Run a planned job: the first call that writes to the output. The job holds the
+    output's lock (``pipeline/lock.py``) from here to its end."""
+    lock = OutputLock(plan.output, plan.job_id, log=log)
+    try:
+        lock.acquire()
+    except OutputLocked as exc:
+        raise JobRefused(str(exc), "output.uri") from None
+    except OSError as exc:
+        raise JobRefused(f"cannot lock the output: {_storage_message(exc)}",
+                         "output.uri") from None
+    try:
+        # What the output holds may have changed since planning: decide again, under the lock.
+        plan.previous = _check_output(plan.spec, plan.output, plan.fingerprint,
+                                      plan.fingerprint_inputs)
+        return _execute(plan, lock, log)
+    finally:
+        lock.release()
+
+
+def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     spec, out = plan.spec, plan.output
     t0 = time.monotonic()
     started = _now()
@@ -350,7 +381,8 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
     log(f"{spec.name}: probing {len(plan.videos)} video(s) under {spec.input.uri}"
         + (f" ({sum((v.uri, v.identity) in known for v in plan.videos)} known from the "
            "earlier run)" if known else ""))
-    probes = probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known)
+    probes = probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known,
+                          timeout_s=spec.decode.timeout_s)
     manifest = build_manifest(probes, spec.decode.segment_frames, plan.fingerprint,
                               fps=spec.decode.fps,
                               frame_stride=spec.decode.frame_stride
@@ -372,7 +404,8 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
     progress = Progress(manifest, set(pending.column("segment_id").to_pylist()), log)
     actor_kwargs = {
         "model": plan.model, "method": plan.method, "params": plan.params,
-        "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride},
+        "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride,
+                   "timeout_s": spec.decode.timeout_s, "retries": spec.decode.retries},
         "input_fs": plan.input_fs, "writer": SegmentWriter(out, plan.task),
         "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint},
         "checkpoint_fs": plan.checkpoint_fs,
@@ -383,8 +416,11 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
                 r.actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor)):
             processed.append(row["segment_id"])
             progress.update(row)
+            lock.ensure()
     except BaseException as exc:  # recorded in job.json, then raised again below
         error = exc
+    if isinstance(error, LockLost):  # the output is another job's now: write nothing more
+        raise error
 
     complete = sorted(completed_segments(out) & ids)
     segments = read_segments(out, complete)
@@ -426,7 +462,8 @@ def _earlier_probes(out: Location) -> dict[tuple[str, str], dict[str, Any]]:
     for row in manifest.to_pylist():
         if not row["probe_error"]:
             known[(row["uri"], row["identity"])] = {
-                k: row[k] for k in ("frames_total", "fps", "width", "height", "duration_s")}
+                k: row.get(k) for k in ("frames_total", "fps", "width", "height", "duration_s",
+                                        "probe_warning")}
     return known
 
 

@@ -62,7 +62,8 @@ def build_manifest(probes: list[dict[str, Any]], segment_frames: int, job_finger
         common = {"video_id": vid, "uri": p["uri"], "identity": p["identity"],
                   "frames_total": int(p["frames_total"]), "fps": float(p["fps"]),
                   "width": int(p["width"]), "height": int(p["height"]),
-                  "duration_s": float(p["duration_s"]), "size_bytes": int(p["size_bytes"])}
+                  "duration_s": float(p["duration_s"]), "size_bytes": int(p["size_bytes"]),
+                  "probe_warning": p.get("probe_warning")}
         if p.get("probe_error"):
             failed.append({**common, "segment_id": segment_id(job_fingerprint, p["uri"],
                                                               p["identity"], 0, 0),
