@@ -433,6 +433,7 @@ class AVSegment:
     _lookup: dict[int, int] = field(default_factory=dict, repr=False)
     _frames: Any = field(default=None, repr=False)   # decoded frames from the last seek
     _at: int = field(default=-1, repr=False)         # frame number of the last decoded frame
+    _landing: int = field(default=0, repr=False)     # the keyframe the last seek aimed at
     _next: int = field(default=0, repr=False)        # position in ``indices``
 
     def read(self) -> Frame | None:
@@ -466,11 +467,17 @@ class AVSegment:
             self._seek(key)
         for _ in range(2):
             for frame in self._frames:
-                number = self._number(frame)
-                if number is None or number < target:
+                # Frames are numbered in the order the decoder gives them, from the frame a
+                # seek lands on (found by its timestamp), as decord numbered them: packed
+                # B-frames (MPEG-4 in AVI) come out with timestamps out of order.
+                if self._at < 0:
+                    pts = frame.pts if frame.pts is not None else frame.dts
+                    self._at = self._lookup.get(pts, self._landing)
+                else:
+                    self._at += 1
+                if self._at < target:
                     continue
-                self._at = number
-                if number > target:  # landed past it: the seek missed its keyframe
+                if self._at > target:  # landed past it: the seek missed its keyframe
                     break
                 return Frame(target, index.timestamp_s(target), _rgb(frame))
             else:
@@ -479,15 +486,11 @@ class AVSegment:
             self._seek(0)  # decode from the very start: slower, never misses
         raise VideoError("the decoder skipped this frame")
 
-    def _number(self, frame: Any) -> int | None:
-        pts = frame.pts if frame.pts is not None else getattr(frame, "dts", None)
-        return self._lookup.get(pts) if pts is not None else None
-
     def _seek(self, key: int) -> None:
         self._container.seek(self._index.pts[key], stream=self._stream, backward=True,
                              any_frame=False)
         self._frames = iter(self._container.decode(self._stream))
-        self._at = -1
+        self._at, self._landing = -1, key
 
     def close(self) -> None:
         if self._container is not None:

@@ -214,16 +214,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any]
-                  ) -> dict[str, Any] | None:
+def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any],
+                  locked: bool = False) -> dict[str, Any] | None:
     """Apply the output mode; returns the earlier ``job.json`` when resuming. An output
-    another job is writing is refused (``pipeline/lock.py``)."""
+    another job is writing is refused (``pipeline/lock.py``) unless this job holds the lock
+    (``locked``)."""
     try:
         if output.fs.isfile(output.root):
             raise JobRefused(f"{spec.output.uri} is a file, not a folder", "output.uri")
         listed = output.entries()
         entries = [e for e in listed if e != LOCK_DIR]
-        if LOCK_DIR in listed:
+        if LOCK_DIR in listed and not locked:
             OutputLock(output, "").check()
     except JobRefused:
         raise
@@ -350,7 +351,7 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
     try:
         # What the output holds may have changed since planning: decide again, under the lock.
         plan.previous = _check_output(plan.spec, plan.output, plan.fingerprint,
-                                      plan.fingerprint_inputs)
+                                      plan.fingerprint_inputs, locked=True)
         return _execute(plan, lock, log)
     finally:
         lock.release()

@@ -29,6 +29,7 @@ class VideoObject:
 
 #: Why a listed name is refused before anything opens it.
 FOLDER = "a folder named like a video, not a video file"
+NOT_REGULAR = "not a regular file (a named pipe, socket or device)"
 AMBIGUOUS = ("its key has '.', '..' or empty path segments, which other tools resolve to a "
              "different object; vidprune does not read it (rename the object)")
 
@@ -62,7 +63,7 @@ def list_videos(fs: Any, root: str, patterns: list[str] | tuple[str, ...]) -> li
     for path, entry in found.items():
         kind = entry.get("type")
         folder = kind == "directory" or (kind == "file" and path.endswith("/"))
-        if kind not in ("file", "directory") or path.rstrip("/") == root.rstrip("/"):
+        if path.rstrip("/") == root.rstrip("/"):
             continue
         path = path.rstrip("/") if folder else path
         rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
@@ -77,6 +78,8 @@ def list_videos(fs: Any, root: str, patterns: list[str] | tuple[str, ...]) -> li
         uri = uri_of(fs, path)
         if folder:
             out.setdefault(uri, VideoObject(uri, 0, "folder", FOLDER))
+        elif kind != "file":  # opening a named pipe would block forever
+            out[uri] = VideoObject(uri, 0, str(kind), NOT_REGULAR)
         else:
             out[uri] = VideoObject(uri, int(entry.get("size") or 0), identity(entry),
                                    AMBIGUOUS if odd else None)
