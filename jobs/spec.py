@@ -280,6 +280,8 @@ class JobSpec(_Strict):
             raise ValueError("must be a mapping: {method: NAME, <parameter>: value, ...}")
         value = dict(value)
         method = value.pop("method", None)
+        if method is not None and not isinstance(method, str):
+            raise _fail("method", "must be the name of a pruning method")
         default = method is None
         if default:
             if model is None:  # the model section is invalid: reported there
