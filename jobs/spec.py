@@ -238,6 +238,7 @@ class ResourcesSpec(_Strict):
     gpus_per_actor: float = Field(default=0.0, ge=0, le=64)
     cpus_per_actor: float = Field(default=1.0, gt=0, le=1024)
     streams_per_actor: int = Field(default=1, ge=1, le=1024)  # segments run in lockstep
+    memory_per_actor_gib: float | None = Field(default=None, gt=0, le=16384)  # null: estimate
 
 
 class OutputSpec(_Strict):

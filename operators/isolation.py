@@ -222,6 +222,11 @@ class DecoderPool:
                 return
         proc.close()
 
+    def pids(self) -> list[int]:
+        """The idle children (for diagnostics and benchmarks)."""
+        with self._lock:
+            return [proc.pid for proc in self._idle if proc.alive()]
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []

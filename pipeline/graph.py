@@ -27,6 +27,34 @@ class Resources:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     streams_per_actor: int = 1
+    memory_bytes: int | None = None  # Ray's memory= for each actor (see actor_memory_bytes)
+
+
+# What an annotator actor holds, measured with ``vidprune bench-memory`` (docs/MEMORY.md).
+#: The actor process before its model: Python, torch, pyarrow, s3fs, Ray's worker, vidprune.
+ACTOR_RUNTIME_BYTES = 700 << 20
+#: A decoder child before frames: Python, numpy, PyAV and FFmpeg.
+DECODER_BYTES = 64 << 20
+#: Frame-sized buffers per stream at the video's resolution: ~8 in the decoder child
+#: (FFmpeg's reference frames, the RGB conversion), 4 ring slots, and in the actor the frame,
+#: its float copy (4 bytes a value) and the resized input.
+FRAME_BUFFERS = 20
+#: Model memory per stream, per (token through a block x channel x 4 bytes): activations of
+#: one step and the method's state carried between frames.
+STREAM_STATE_FACTOR = 12
+#: Weights are held twice while a checkpoint loads (the file's tensors and the model's).
+WEIGHT_COPIES = 2
+
+
+def actor_memory_bytes(weights_bytes: int, step_token_channels: float, frame_bytes: int,
+                       streams: int) -> int:
+    """Memory one annotator actor needs, its decoder children included (Ray's ``memory=``
+    for the actor). ``step_token_channels``: tokens through the blocks in one dense step
+    times the model's width (``models.StreamRunner.dense_ledger``); ``frame_bytes``: the
+    largest RGB frame of the job's videos."""
+    per_stream = (STREAM_STATE_FACTOR * 4 * step_token_channels + DECODER_BYTES
+                  + FRAME_BUFFERS * frame_bytes)
+    return int(ACTOR_RUNTIME_BYTES + WEIGHT_COPIES * weights_bytes + streams * per_stream)
 
 
 def segment_dataset(pending: pa.Table, streams_per_actor: int):
@@ -58,6 +86,7 @@ def run_segments(pending: pa.Table, actor_kwargs: dict[str, Any], resources: Res
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
+        memory=resources.memory_bytes or None,
         fn_constructor_kwargs={**actor_kwargs, "use_gpu": resources.gpus_per_actor > 0,
                                "cpus": resources.cpus_per_actor},
     )

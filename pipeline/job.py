@@ -81,6 +81,8 @@ class Plan:
     output: Location
     videos: list[VideoObject]
     previous: dict[str, Any] | None  # the output's job.json (resume)
+    weights_bytes: int = 0           # the model's parameters and buffers
+    step_token_channels: float = 0.0  # tokens through the blocks in a dense step x width
 
 
 @dataclass
@@ -104,7 +106,7 @@ def plan_job(spec: Any, log: Log = _stderr) -> Plan:
     started = _now()
     job_id = f"{spec.name}-{started:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     output = _open_output(spec)
-    model, checkpoint_fs, method, params, checkpoint_id = _check_model(spec)
+    model, checkpoint_fs, method, params, checkpoint_id, size = _check_model(spec)
     inputs = _fingerprint_inputs(spec, model, method, params, checkpoint_id)
     fp = fingerprint(inputs)
     previous = _check_output(spec, output, fp, inputs)
@@ -119,7 +121,7 @@ def plan_job(spec: Any, log: Log = _stderr) -> Plan:
     from operators.annotator import model_label
 
     return Plan(spec, job_id, model["task"], model, model_label(model), method, params, fp,
-                inputs, input_fs, checkpoint_fs, output, videos, previous)
+                inputs, input_fs, checkpoint_fs, output, videos, previous, *size)
 
 
 def _storage_message(exc: BaseException) -> str:
@@ -179,7 +181,22 @@ def _check_model(spec: Any):
                          f"{type(exc).__name__}: {_storage_message(exc)}", "model") from None
     params = runner.method.describe()
     model["clip_frames"] = getattr(runner.model, "clip_frames", None) or model.get("clip_frames")
-    return model, checkpoint_fs, spec.pruning.method, params, checkpoint_id
+    return (model, checkpoint_fs, spec.pruning.method, params, checkpoint_id,
+            _model_size(runner))
+
+
+def _model_size(runner: Any) -> tuple[int, float]:
+    """What the actors' memory depends on (``graph.actor_memory_bytes``): the weights, and
+    tokens x channels of one dense step."""
+    net = runner.model
+    weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    try:
+        ledger = runner.dense_ledger("clip" if runner.kind == "clip" else "frame")
+        tokens = float(ledger.tokens.sum()) if ledger.tokens is not None else 0.0
+        width = float(net.backbone.dim)
+    except Exception:  # a model without a ViT backbone: the weights alone
+        tokens, width = 0.0, 0.0
+    return int(weights), tokens * width
 
 
 def _zoo_identity(name: str) -> str:
@@ -331,6 +348,12 @@ def run_job(spec: Any, address: str | None = None, log: Log = _stderr) -> JobRes
         if spec.resources.gpus_per_actor > 0 and cluster.cluster_gpus() == 0:
             raise JobRefused("the Ray cluster has no GPUs; set resources.gpus_per_actor=0 "
                              "to run on CPUs", "resources.gpus_per_actor")
+        wanted = spec.resources.memory_per_actor_gib
+        largest = max(cluster.node_memory_bytes(), default=0.0)
+        if wanted and largest and wanted * 2 ** 30 > largest:
+            raise JobRefused(f"{wanted:g} GiB per actor, but the largest node of the Ray "
+                             f"cluster has {largest / 2 ** 30:.1f} GiB of memory for actors",
+                             "resources.memory_per_actor_gib")
         return execute(plan, log)
     finally:
         if started_ray:
@@ -412,9 +435,11 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
         "checkpoint_fs": plan.checkpoint_fs,
     }
     r = spec.resources
+    actors, memory_bytes = _actor_memory(plan, manifest, log)
     try:
         for row in run_segments(pending, actor_kwargs, Resources(
-                r.actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor)):
+                actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor,
+                memory_bytes)):
             processed.append(row["segment_id"])
             progress.update(row)
             lock.ensure()
@@ -449,6 +474,41 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
                      len(processed), wall_s, format_summary(t, wall_s, spec.output.uri,
                                                             problems),
                      videos, processed)
+
+
+def _actor_memory(plan: Plan, manifest: pa.Table, log: Log) -> tuple[int, int | None]:
+    """(actors, Ray ``memory=`` per actor): ``resources.memory_per_actor_gib``, or the
+    estimate for this model and the largest frame of the job's videos (docs/MEMORY.md),
+    kept within what the cluster's nodes offer so that the actors can be scheduled."""
+    from . import cluster
+    from .graph import actor_memory_bytes
+
+    r = plan.spec.resources
+    if r.memory_per_actor_gib:
+        memory = int(r.memory_per_actor_gib * 2 ** 30)
+    else:
+        sizes = [w * h * 3 for w, h, e in zip(manifest.column("width").to_pylist(),
+                                               manifest.column("height").to_pylist(),
+                                               manifest.column("probe_error").to_pylist())
+                 if e is None]
+        memory = actor_memory_bytes(plan.weights_bytes, plan.step_token_channels,
+                                    max(sizes, default=1920 * 1080 * 3), r.streams_per_actor)
+    try:
+        nodes = cluster.node_memory_bytes()
+    except Exception:  # not connected (tests that call execute directly): no limits known
+        nodes = []
+    if not nodes or not max(nodes):
+        return r.actors, memory
+    if memory > max(nodes):
+        log(f"{plan.spec.name}: an actor needs about {memory / 2 ** 30:.1f} GiB (estimate, "
+            f"docs/MEMORY.md) but the largest node offers {max(nodes) / 2 ** 30:.1f} GiB; "
+            "asking for that much (set resources.memory_per_actor_gib to decide)")
+        memory = int(max(nodes))
+    fit = int(sum(n // memory for n in nodes))
+    if fit < r.actors:
+        log(f"{plan.spec.name}: {r.actors} actors of {memory / 2 ** 30:.1f} GiB do not fit "
+            f"the cluster's memory; running {max(1, fit)}")
+    return max(1, min(r.actors, fit)), memory
 
 
 def _earlier_probes(out: Location) -> dict[tuple[str, str], dict[str, Any]]:
