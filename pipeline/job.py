@@ -81,8 +81,7 @@ class Plan:
     output: Location
     videos: list[VideoObject]
     previous: dict[str, Any] | None  # the output's job.json (resume)
-    weights_bytes: int = 0           # the model's parameters and buffers
-    step_token_channels: float = 0.0  # tokens through the blocks in a dense step x width
+    model_size: Any = None           # graph.ModelSize: what the actors' memory depends on
 
 
 @dataclass
@@ -121,7 +120,7 @@ def plan_job(spec: Any, log: Log = _stderr) -> Plan:
     from operators.annotator import model_label
 
     return Plan(spec, job_id, model["task"], model, model_label(model), method, params, fp,
-                inputs, input_fs, checkpoint_fs, output, videos, previous, *size)
+                inputs, input_fs, checkpoint_fs, output, videos, previous, size)
 
 
 def _storage_message(exc: BaseException) -> str:
@@ -185,18 +184,25 @@ def _check_model(spec: Any):
             _model_size(runner))
 
 
-def _model_size(runner: Any) -> tuple[int, float]:
-    """What the actors' memory depends on (``graph.actor_memory_bytes``): the weights, and
-    tokens x channels of one dense step."""
+def _model_size(runner: Any):
+    """What the actors' memory depends on (``graph.actor_memory_bytes``)."""
+    from .graph import ModelSize
+
     net = runner.model
     weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     try:
         ledger = runner.dense_ledger("clip" if runner.kind == "clip" else "frame")
-        tokens = float(ledger.tokens.sum()) if ledger.tokens is not None else 0.0
-        width = float(net.backbone.dim)
+        blocks = list(net.backbone.blocks)
+        tokens = float(ledger.tokens.sum()) / max(1, len(blocks))  # per block
+        per_block = []
+        for block in blocks:
+            window = int(getattr(block, "window", 0) or 0)
+            reach = min(tokens, window * window) if window else tokens
+            per_block.append((not window, tokens * reach * block.attn.num_heads))
+        return ModelSize(int(weights), tokens * len(blocks) * float(net.backbone.dim),
+                         sum(a for g, a in per_block if g), max(a for _, a in per_block))
     except Exception:  # a model without a ViT backbone: the weights alone
-        tokens, width = 0.0, 0.0
-    return int(weights), tokens * width
+        return ModelSize(int(weights))
 
 
 def _zoo_identity(name: str) -> str:
@@ -481,7 +487,7 @@ def _actor_memory(plan: Plan, manifest: pa.Table, log: Log) -> tuple[int, int | 
     estimate for this model and the largest frame of the job's videos (docs/MEMORY.md),
     kept within what the cluster's nodes offer so that the actors can be scheduled."""
     from . import cluster
-    from .graph import actor_memory_bytes
+    from .graph import ModelSize, actor_memory_bytes
 
     r = plan.spec.resources
     if r.memory_per_actor_gib:
@@ -491,7 +497,7 @@ def _actor_memory(plan: Plan, manifest: pa.Table, log: Log) -> tuple[int, int | 
                                                manifest.column("height").to_pylist(),
                                                manifest.column("probe_error").to_pylist())
                  if e is None]
-        memory = actor_memory_bytes(plan.weights_bytes, plan.step_token_channels,
+        memory = actor_memory_bytes(plan.model_size or ModelSize(), plan.method,
                                     max(sizes, default=1920 * 1080 * 3), r.streams_per_actor)
     try:
         nodes = cluster.node_memory_bytes()
