@@ -11,6 +11,7 @@ conflict.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -25,6 +26,30 @@ def connect(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keep_sigterm_handler():
+        _init(address)
+    return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit``; a caller that installed
+    its own (``vidprune run`` records a stopped job as interrupted) keeps it."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None) -> None:
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS") or None
     if inside_submitted_job():
         ray.init(address=address or "auto", configure_logging=False)
@@ -39,7 +64,6 @@ def connect(address: str | None = None) -> bool:
                                if p)
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False,
                  configure_logging=False)
-    return True
 
 
 def inside_submitted_job() -> bool:

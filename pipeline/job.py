@@ -444,6 +444,9 @@ def _remove_stale(out: Location, ids: set[str]) -> None:
         out.remove_files(folder, stale)
 
 
+CLUSTER_PROBE_MIN_VIDEOS = 32
+
+
 def _probe_workers() -> int:
     return min(16, (os.cpu_count() or 2) * 2)
 
@@ -455,7 +458,8 @@ def _probe(plan: Plan, known: dict[tuple[str, str], dict[str, Any]], log: Log
 
     nodes = cluster.alive_nodes()
     unknown = sum((v.uri, v.identity) not in known for v in plan.videos)
-    if nodes > 1 and unknown > 1:
+    # A task costs a worker process start; for a handful of videos the driver is quicker.
+    if nodes > 1 and unknown >= CLUSTER_PROBE_MIN_VIDEOS:
         log(f"{plan.spec.name}: probing {unknown} video(s) in Ray tasks across {nodes} nodes")
         return probe_videos_on_cluster(plan.input_fs, plan.videos, nodes, known=known)
     return probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known)

@@ -118,15 +118,15 @@ def probe_videos_on_cluster(fs: Any, videos: list[VideoObject], nodes: int,
                             known: dict[tuple[str, str], dict[str, Any]] | None = None
                             ) -> list[dict[str, Any]]:
     """:func:`probe_videos`, with the videos not in ``known`` probed by Ray tasks spread
-    over the cluster (about two tasks per node, each probing its share in a thread pool).
-    Results are in the order of ``videos``."""
+    over the cluster (about two tasks per node, at least 8 videos each, each probing its
+    share in a thread pool). Results are in the order of ``videos``."""
     import ray
 
     known = known or {}
     todo = [v for v in videos if (v.uri, v.identity) not in known]
     results: dict[tuple[str, str], dict[str, Any]] = {}
     if todo:
-        size = max(1, min(256, math.ceil(len(todo) / (2 * max(1, nodes)))))
+        size = max(8, min(256, math.ceil(len(todo) / (2 * max(1, nodes)))))
         task = ray.remote(_probe_batch).options(num_cpus=1, scheduling_strategy="SPREAD",
                                                 max_retries=3)
         refs = [task.remote(fs, todo[i:i + size]) for i in range(0, len(todo), size)]

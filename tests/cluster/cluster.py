@@ -35,6 +35,8 @@ def node_env() -> dict[str, str]:
         "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
         "RAY_health_check_failure_threshold": "3",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # A stopped driver gets 30 s to record its end (Ray's default: 3 s, then SIGKILL).
+        "RAY_JOB_STOP_WAIT_TIME_S": "30",
         # Workers push custom metrics to their node's exporter every second, not every 10.
         "RAY_metrics_report_interval_ms": "1000",
         # Whatever ~/.ray holds on this machine: the test cluster and its clients agree.
@@ -140,7 +142,7 @@ class LocalCluster:
                     os.killpg(node.proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 3  # then SIGKILL: the temp dirs go anyway
         for node in self.nodes:
             try:
                 node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
