@@ -56,6 +56,12 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def write_out(chunk: str) -> None:
+    """A chunk of a job's log, to stdout as it comes."""
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
 def submission_id(name: str, attempt: int) -> str:
     return f"{ID_PREFIX}{name}-{attempt}"
 

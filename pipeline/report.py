@@ -229,6 +229,10 @@ def _measured_vs_dense(outputs: list[Output], summaries: list[dict[str, Any]]) -
 
 def build_summary(outputs: list[Output]) -> dict[str, Any]:
     summaries = [summarize(o) for o in outputs]
+    labels = [s["label"] for s in summaries]
+    for s in summaries:  # two runs of one job and method: tell them apart by location
+        if labels.count(s["label"]) > 1:
+            s["label"] += f" ({s['uri'].rstrip('/').rsplit('/', 1)[-1]})"
     _measured_vs_dense(outputs, summaries)
     return {"generated_at": datetime.now(timezone.utc).isoformat(), "outputs": summaries}
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def add_parser(sub) -> None:
+    from ..options import add_dashboard_address
+
     p = sub.add_parser(
         "logs", help="the log of a submitted job",
         description="Print the log of a submitted job (its driver: progress and summary). "
@@ -13,9 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("id", help="submission id or job name")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing until the job ends")
-    p.add_argument("--address", default=None,
-                   help="the Ray dashboard, e.g. http://HEAD:8265 (default: "
-                        "$RAY_API_SERVER_ADDRESS)")
+    add_dashboard_address(p)
     p.set_defaults(func=main)
 
 
@@ -25,12 +23,7 @@ def main(args) -> int:
     client = submit.connect(args.address)
     job = submit.find(client, args.id)
     if args.follow:
-        submit.follow_logs(client, job.submission_id, _write)
+        submit.follow_logs(client, job.submission_id, submit.write_out)
     else:
-        _write(client.get_job_logs(job.submission_id))
+        submit.write_out(client.get_job_logs(job.submission_id))
     return 0
-
-
-def _write(chunk: str) -> None:
-    sys.stdout.write(chunk)
-    sys.stdout.flush()

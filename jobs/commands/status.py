@@ -5,15 +5,15 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from ..options import add_dashboard_address
+
     p = sub.add_parser(
         "status", help="the status of a submitted job",
         description="Show a submitted job's status: ID is a submission id "
                     "(vidprune-<name>-<attempt>) or a job name (its latest attempt); "
                     "without ID, every vidprune job on the cluster.")
     p.add_argument("id", nargs="?", default=None, help="submission id or job name")
-    p.add_argument("--address", default=None,
-                   help="the Ray dashboard, e.g. http://HEAD:8265 (default: "
-                        "$RAY_API_SERVER_ADDRESS)")
+    add_dashboard_address(p)
     p.set_defaults(func=main)
 
 

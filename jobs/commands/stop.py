@@ -5,14 +5,14 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from ..options import add_dashboard_address
+
     p = sub.add_parser(
         "stop", help="stop a submitted job",
         description="Stop a submitted job (Ray sends its driver SIGTERM, then SIGKILL). "
                     "Completed segments are kept: submit the spec again to continue.")
     p.add_argument("id", help="submission id or job name (its latest attempt)")
-    p.add_argument("--address", default=None,
-                   help="the Ray dashboard, e.g. http://HEAD:8265 (default: "
-                        "$RAY_API_SERVER_ADDRESS)")
+    add_dashboard_address(p)
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the job to stop (default 60)")
     p.set_defaults(func=main)

@@ -7,6 +7,8 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from ..options import add_dashboard_address
+
     p = sub.add_parser(
         "submit", help="submit a job to a Ray cluster (Ray Jobs API)",
         description="Validate the job spec here, then submit it to a Ray cluster with "
@@ -15,9 +17,7 @@ def add_parser(sub) -> None:
                     "submission id is vidprune-<name>-<attempt>; a job that is still "
                     "running is not submitted twice. See docs/CLUSTER.md.")
     p.add_argument("spec", help="the job spec (YAML)")
-    p.add_argument("--address", default=None,
-                   help="the Ray dashboard, e.g. http://HEAD:8265 (default: "
-                        "$RAY_API_SERVER_ADDRESS)")
+    add_dashboard_address(p)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a spec key (values are YAML)")
     p.add_argument("--credentials", choices=("env", "cluster"), default="env",
@@ -43,11 +43,6 @@ def main(args) -> int:
         print(f"follow it with: vidprune logs {done.submission_id} --follow")
         return 0
     client = submit.connect(args.address)
-    job = submit.wait(client, done.submission_id, write=_write)
+    job = submit.wait(client, done.submission_id, write=submit.write_out)
     print(f"\n{done.submission_id}: {job.status}")
     return submit.status_code(job)
-
-
-def _write(chunk: str) -> None:
-    sys.stdout.write(chunk)
-    sys.stdout.flush()

@@ -12,7 +12,7 @@ from .cluster import LocalCluster
 
 
 @pytest.fixture(scope="package")
-def cluster(s3_server):
+def cluster():
     # Short paths: Ray's unix sockets live under the temp dir (107-byte limit).
     root = Path(tempfile.mkdtemp(prefix="vp-", dir="/tmp"))
     c = LocalCluster(root)

@@ -203,6 +203,10 @@ def test_submit_stop_kill_the_driver_and_resume_on_s3(cluster, s3, tiny_detector
     assert sum(n["segments"] for n in s["per_node"]) == total
 
     capsys.readouterr()
+    assert main(["status", *address]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == ["vidprune-nightly-1", "STOPPED", "vidprune-nightly-2", "FAILED",
+                      "vidprune-nightly-3", "SUCCEEDED"]
     assert main(["logs", "nightly", *address]) == 0
     assert main(["status", "nightly", *address]) == 0
     printed = capsys.readouterr().out
