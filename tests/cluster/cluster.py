@@ -87,8 +87,10 @@ class LocalCluster:
                "--runtime-env-agent-port", str(free_port()),
                "--metrics-export-port", str(metrics_port),
                "--disable-usage-stats", "--block"]
+        # Each node its own chunk cache (operators/cache.py), gone with its temp dir.
+        env = {**node_env(), "VIDPRUNE_CACHE_DIR": str(temp_dir / "cache")}
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=node_env(), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, cwd=self.root)
         node = Node(name, proc, temp_dir, log, metrics_port)
         self.nodes.append(node)

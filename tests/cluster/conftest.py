@@ -3,6 +3,7 @@ folder; see ``cluster.py``."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,3 +23,4 @@ def cluster():
         yield c
     finally:
         c.stop()
+        shutil.rmtree(root, ignore_errors=True)
