@@ -37,6 +37,10 @@ def node_env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         # A stopped driver gets 30 s to record its end (Ray's default: 3 s, then SIGKILL).
         "RAY_JOB_STOP_WAIT_TIME_S": "30",
+        # Ray's own OOM killer watches the whole machine: on a shared test machine other
+        # processes' memory would make it kill this cluster's workers. Off (the kernel's
+        # stays).
+        "RAY_memory_monitor_refresh_ms": "0",
         # Workers push custom metrics to their node's exporter every second, not every 10.
         "RAY_metrics_report_interval_ms": "1000",
         # Whatever ~/.ray holds on this machine: the test cluster and its clients agree.
@@ -60,7 +64,21 @@ class Node:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self._kill_rest()
         self.proc.wait(timeout=30)
+
+    def _kill_rest(self) -> None:
+        """Ray starts each worker in a process group of its own: find the node's remaining
+        processes by its temp dir, which is on each of their command lines."""
+        import psutil
+
+        marker = str(self.temp_dir)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(marker in part for part in (p.info["cmdline"] or [])):
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
 
 
 @dataclass
@@ -150,9 +168,10 @@ class LocalCluster:
                 node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            try:  # whatever is left of the group (workers that outlived the raylet)
+            try:  # whatever is left of the group, then of the node
                 os.killpg(node.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            node._kill_rest()
         for node in self.nodes:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
