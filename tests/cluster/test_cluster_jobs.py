@@ -153,37 +153,38 @@ def test_submit_stop_kill_the_driver_and_resume_on_s3(cluster, s3, tiny_detector
     wait_for(lambda: str(client.get_job_status("vidprune-nightly-2")) == "FAILED", 60,
              "attempt 2 to fail")
     gone("vidprune-nightly-2")
-    first = {name: fs.cat_file(f"runs/nightly/segments/{name}") for name in markers()}
+    done_before = {name: fs.cat_file(f"runs/nightly/segments/{name}") for name in markers()}
     job2 = json.loads(fs.cat_file("runs/nightly/job.json"))
     assert job2["status"] == "running"            # killed: it could not record its end
     assert job2["previous_runs"][-1]["status"] == "interrupted"
     total = VIDEOS * FRAMES // SEGMENT
-    assert stopped_at < len(first) < total
+    assert stopped_at < len(done_before) < total
 
     capsys.readouterr()
     assert main(["submit", spec, *address, "--wait"]) == 0
     out = capsys.readouterr().out
     assert "submitted vidprune-nightly-3" in out and "vidprune-nightly-3: SUCCEEDED" in out
-    assert f"{len(first)} already complete" in out
+    assert f"{len(done_before)} already complete" in out
 
     def table(path):
         return pq.read_table(io.BytesIO(fs.cat_file(f"runs/nightly/{path}")))
 
     job3 = json.loads(fs.cat_file("runs/nightly/job.json"))
     assert job3["status"] == "finished"
-    assert job3["segments"]["skipped"] == len(first)
-    assert job3["segments"]["run"] == total - len(first)
+    assert job3["segments"]["skipped"] == len(done_before)
+    assert job3["segments"]["run"] == total - len(done_before)
     assert [r["job_id"] for r in job3["previous_runs"]] == [job1["job_id"], job2["job_id"]]
-    # Only the unfinished work was redone: the first run's markers are untouched, and
-    # every other segment was run by the second.
-    for name, data in first.items():
+    # Only the unfinished work was redone: the earlier runs' markers are untouched, and
+    # every other segment was run by the last.
+    for name, data in done_before.items():
         assert fs.cat_file(f"runs/nightly/segments/{name}") == data
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("runs/nightly/segments", refresh=True))
     segments = pq.ParquetDataset([f"runs/nightly/segments/{n}" for n in names],
                                  filesystem=fs).read().to_pylist()
     by_run = {s["segment_id"]: s["job_id"] for s in segments}
-    assert {f"{sid}.parquet" for sid, j in by_run.items() if j != job3["job_id"]} == set(first)
-    assert sum(j == job3["job_id"] for j in by_run.values()) == total - len(first)
+    earlier = {f"{sid}.parquet" for sid, j in by_run.items() if j != job3["job_id"]}
+    assert earlier == set(done_before)
+    assert sum(j == job3["job_id"] for j in by_run.values()) == total - len(done_before)
     manifest_ids = table("manifest/manifest.parquet").column("segment_id").to_pylist()
     annotations = pq.ParquetDataset(
         [f"runs/nightly/annotations/{n}" for n in names], filesystem=fs).read()
