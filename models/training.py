@@ -163,6 +163,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     log_every: int = 20
     checkpoint_every_s: float = 300.0
+    #: run forward and loss under bfloat16 autocast (weights and optimiser stay float32);
+    #: about 1.6x faster on CPUs with AMX / AVX512-BF16
+    bf16: bool = False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -191,6 +194,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 class TrainResult:
     steps: int
     train_s: float                      # wall time spent training, over all resumed runs
+    cpu_s: float                        # CPU time of this process spent training, likewise
     last: dict[str, float] = field(default_factory=dict)
 
 
@@ -209,12 +213,13 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     ckpt_path = run_dir / "checkpoint.pt"
     log_path = run_dir / "loss.jsonl"
     opt = make_optimizer(model, cfg)
-    step, train_s = 0, 0.0
+    step, train_s, cpu_s = 0, 0.0, 0.0
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, train_s = int(ckpt["step"]), float(ckpt["train_s"])
+        cpu_s = float(ckpt.get("cpu_s", 0.0))
         torch.set_rng_state(ckpt["torch_rng"])
         _trim_log(log_path, step)
         print(f"resuming at step {step}/{cfg.steps} ({train_s / 60:.1f} min trained)",
@@ -223,7 +228,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     def save() -> None:
         tmp = ckpt_path.with_name("checkpoint.pt.part")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "train_s": train_s, "torch_rng": torch.get_rng_state()}, tmp)
+                    "train_s": train_s, "cpu_s": cpu_s, "torch_rng": torch.get_rng_state()},
+                   tmp)
         os.replace(tmp, ckpt_path)
 
     model.train()
@@ -231,35 +237,39 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     count = 0
     last_save = time.monotonic()
     last: dict[str, float] = {}
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     with open(log_path, "a") as log:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             batch = next_batch(step)
-            out = loss_fn(model, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
             step += 1
-            now = time.monotonic()
+            now, now_cpu = time.monotonic(), time.process_time()
             train_s += now - t0
-            t0 = now
+            cpu_s += now_cpu - c0
+            t0, c0 = now, now_cpu
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 last = {k: v / count for k, v in sums.items()}
-                rec = {"step": step, "lr": lr, "train_s": round(train_s, 1), **last}
+                rec = {"step": step, "lr": lr, "train_s": round(train_s, 1),
+                       "cpu_s": round(cpu_s, 1), **last}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 eta = train_s / step * (cfg.steps - step) if step else 0.0
                 print(f"step {step}/{cfg.steps}  " +
                       "  ".join(f"{k} {v:.4f}" for k, v in last.items()) +
-                      f"  lr {lr:.2e}  {train_s / 60:.1f} min, eta {eta / 60:.1f} min",
+                      f"  lr {lr:.2e}  {train_s / 60:.1f} min ({cpu_s / 60:.1f} CPU), "
+                      f"eta {eta / 60:.1f} min",
                       file=sys.stderr, flush=True)
                 if on_log is not None:
                     on_log(step, last)
@@ -267,9 +277,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
             if now - last_save >= cfg.checkpoint_every_s or step == cfg.steps:
                 save()
                 last_save = time.monotonic()
-                t0 = last_save  # checkpoint time is not training time
+                t0, c0 = last_save, time.process_time()  # saving is not training
     model.eval()
-    return TrainResult(step, train_s, last)
+    return TrainResult(step, train_s, cpu_s, last)
 
 
 def _trim_log(path: Path, step: int) -> None:
