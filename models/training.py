@@ -315,3 +315,34 @@ def save_zoo_entry(model: nn.Module, path_stem: str | Path, card: dict[str, Any]
     card_path = stem.with_suffix(".json")
     card_path.write_text(json.dumps(meta, indent=2) + "\n")
     return weights, card_path
+
+
+# --- initialisation from an image backbone ----------------------------------------------------
+
+def inflate_image_backbone(video_model: nn.Module, image_state: dict[str, torch.Tensor]
+                           ) -> list[str]:
+    """Initialise a clip model's backbone from an image ViT's weights (I3D-style inflation,
+    as video transformers are usually started from image models): every 2-D patch filter is
+    repeated over the tubelet's frames and divided by their number (a still clip then embeds
+    as the image would), and the blocks' norms, qkv, projections and MLPs are copied for as
+    many blocks as both have. Relative-position tables and heads are not copied. Returns the
+    names of the parameters that were set."""
+    own = video_model.state_dict()
+    new, done = {}, []
+    w2 = image_state.get("backbone.patch_embed.proj.weight")
+    w3 = own["backbone.patch_embed.proj.weight"]
+    if w2 is None or w2.shape[:2] != w3.shape[:2] or w2.shape[-2:] != w3.shape[-2:]:
+        raise ValueError("the image backbone's patch embedding does not fit the clip model")
+    frames = w3.shape[2]
+    new["backbone.patch_embed.proj.weight"] = (w2.float()[:, :, None] / frames).expand_as(w3)
+    new["backbone.patch_embed.proj.bias"] = image_state["backbone.patch_embed.proj.bias"]
+    for key in own:
+        parts = key.split(".")
+        if key.startswith("backbone.blocks.") and "rel_pos" not in parts[-1]:
+            if key in image_state and image_state[key].shape == own[key].shape:
+                new[key] = image_state[key]
+    for key, value in new.items():
+        own[key] = value.to(own[key].dtype).clone()
+        done.append(key)
+    video_model.load_state_dict(own)
+    return done

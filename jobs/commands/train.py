@@ -26,7 +26,7 @@ RECIPES = {
     "recognition": {"name": "videomae-synth", "arch": "videomae-ti",
                     "options": {"input_size": 112, "clip_frames": 16, "depth": 6, "dim": 128,
                                 "heads": 2},
-                    "steps": 2000, "batch": 8, "lr": 1e-3},
+                    "steps": 3000, "batch": 8, "lr": 5e-4},
 }
 
 
@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for forward and loss (faster on CPUs with AMX)")
     p.add_argument("--seed", type=int, default=0, help="training seed (init and batches)")
+    p.add_argument("--init-from", metavar="ZOO_NAME",
+                   help="recognition: start the backbone from this zoo image model's weights "
+                        "(inflated patch embedding, copied blocks)")
     p.add_argument("--limit-videos", type=int, help="use only this many training videos")
     p.add_argument("--eval-limit", type=int, help="evaluate on only this many val/test videos")
     p.add_argument("--no-eval", action="store_true", help="skip the val/test measurement")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from models import build_arch, build_method
-    from models.registry import ZOO_DIR, ModelError, build_zoo_model
+    from models.registry import ZOO_DIR, ModelError, build_zoo_model, zoo_entries
     from models.runner import IMAGENET_MEAN, IMAGENET_STD, StreamRunner
     from models.training import TrainConfig, detection_loss, fit, recognition_loss, \
         save_zoo_entry
@@ -116,6 +119,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot build {arch} with {options}: {exc}") from None
     if model.task != args.task:
         raise UserError(f"{arch} is a {model.task} architecture, not {args.task}")
+    if args.init_from:
+        from models.training import inflate_image_backbone
+
+        try:
+            # the shipped zoo first, then the folder this run writes to
+            shipped_zoo = zoo_entries()
+            source = build_zoo_model(args.init_from,
+                                     None if args.init_from in shipped_zoo else args.zoo_dir)
+            copied = inflate_image_backbone(model, source.state_dict())
+        except (ModelError, ValueError, KeyError) as exc:
+            raise UserError(f"--init-from {args.init_from}: {exc}") from None
+        print(f"initialised {len(copied)} tensors from {args.init_from}", file=sys.stderr)
     prep = StreamRunner(model, build_method("none"))  # the exact preprocessing of inference
     mean = torch.tensor(getattr(model, "pixel_mean", IMAGENET_MEAN)).view(3, 1, 1)
     std = torch.tensor(getattr(model, "pixel_std", IMAGENET_STD)).view(3, 1, 1)
@@ -192,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
                          "train_s": round(result.train_s, 1),
                          "cpu_s": round(result.cpu_s, 1), "bf16_autocast": args.bf16,
                          "threads": torch.get_num_threads(), "final_loss": result.last},
+            "initialised_from": args.init_from,
             "parameters": n_params,
             "weights_dtype": "float16",
             "metrics": {},

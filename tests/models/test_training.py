@@ -149,3 +149,23 @@ def test_saved_entry_loads_as_a_zoo_model(tmp_path):
     assert torch.allclose(a, b, atol=0.05)
     assert (tmp_path / "tiny-det.safetensors").stat().st_size < 0.6 * 4 * sum(
         p.numel() for p in model.parameters())
+
+
+def test_inflation_from_an_image_backbone():
+    """A still clip embeds as its frame does in the image model, and the blocks are copied."""
+    image = tiny_detector()
+    video = build_arch("videomae-ti", class_names=CLASSES, input_size=32, clip_frames=4,
+                       depth=2, dim=32, heads=2)
+    from models.training import inflate_image_backbone
+
+    copied = inflate_image_backbone(video, image.state_dict())
+    assert "backbone.blocks.1.mlp.fc2.weight" in copied
+    assert not any("rel_pos" in k for k in copied)
+    frame = torch.randn(1, 3, 32, 32)
+    clip = frame[:, :, None].expand(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        a, _ = image.backbone.patch_embed(frame)
+        b, _ = video.backbone.patch_embed(clip)
+    assert torch.allclose(a, b.view(1, 2, 4, 32)[:, 0], atol=1e-5)
+    assert torch.equal(video.backbone.blocks[1].attn.qkv.weight,
+                       image.backbone.blocks[1].attn.qkv.weight)
