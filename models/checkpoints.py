@@ -1,12 +1,23 @@
-"""Loading weights safely. A checkpoint is untrusted input: safetensors files are read as
-tensors only, and pickle-based files (``.pth``, ``.pkl``, ``.pyth``, ``.pt``) go through
-``torch.load(weights_only=True)``, which refuses anything that would run code on load."""
+"""Loading weights safely. A checkpoint is untrusted input: nothing in it is ever executed.
+
+- ``.safetensors`` files are read as tensors only.
+- Pickle-based files (``.pth``, ``.pt``, ``.pkl``, ``.pyth``, ...) go through
+  ``torch.load(weights_only=True)``, which refuses anything that would run code on load.
+- detectron2's model-zoo ``.pkl`` files are not torch archives but plain pickles of numpy
+  arrays, which ``torch.load`` cannot read at all. For those (only), a restricted unpickler
+  accepts exactly the globals that rebuild numpy arrays (the same ones torch's own weights-only
+  unpickler allows for numpy) and refuses every other global, so no code can run either.
+
+Every failure is a :class:`CheckpointError` that says what is wrong with the file.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +30,13 @@ class CheckpointError(ValueError):
     """A checkpoint could not be loaded (unsafe, unreadable, or not fitting the model)."""
 
 
+def _refused(label: str, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"{label}: refused: unpickling it would need {detail}, and vidprune never runs code "
+        f"from a checkpoint. If you trust the file, extract its tensors in a trusted "
+        f"environment (e.g. save the state dict with safetensors) and load that instead.")
+
+
 def load_file(source: str | os.PathLike | BinaryIO, name: str | None = None) -> dict[str, Any]:
     """Read a checkpoint into a (possibly nested) dict of tensors without running its code.
 
@@ -27,34 +45,107 @@ def load_file(source: str | os.PathLike | BinaryIO, name: str | None = None) -> 
     """
     label = name or (str(source) if not hasattr(source, "read") else "<stream>")
     suffix = Path(label).suffix.lower()
-    data = source.read() if hasattr(source, "read") else None
-    if suffix == ".safetensors":
-        from safetensors.torch import load as st_load, load_file as st_load_file
-
-        try:
-            return st_load(data) if data is not None else st_load_file(str(source))
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{label}: not a readable safetensors file ({exc})") from None
-    if suffix not in PICKLE_SUFFIXES:
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{label}: unsupported checkpoint format {suffix or '(no suffix)'}; use .safetensors "
             f"or one of {', '.join(PICKLE_SUFFIXES)}")
-    stream = io.BytesIO(data) if data is not None else open(source, "rb")
+    if hasattr(source, "read"):
+        data = source.read()
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{label}: cannot read the file ({exc.strerror})") from None
+    if suffix == ".safetensors":
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{label}: not a readable safetensors file ({exc})") from None
+    if not data:
+        raise CheckpointError(f"{label}: the file is empty")
+    is_torch_archive = data[:4] == b"PK\x03\x04"
     try:
-        return torch.load(stream, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it half supports
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{label}: refused: the file needs arbitrary code to unpickle, which vidprune never "
-            f"runs (weights_only loading). Convert it to safetensors in a trusted environment. "
-            f"Detail: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{label}: not a readable checkpoint ({exc})") from None
-    finally:
-        stream.close()
+        if is_torch_archive or suffix != ".pkl":
+            if "Weights only load failed" in str(exc):
+                raise _refused(label, _unsafe_detail(str(exc))) from None
+            raise CheckpointError(
+                f"{label}: not a readable checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError ... on bad files
+        if is_torch_archive or suffix != ".pkl":
+            raise CheckpointError(
+                f"{label}: not a readable checkpoint (truncated or not a torch file: "
+                f"{_first_line(exc)})") from None
+    return _load_numpy_pickle(data, label)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _unsafe_detail(message: str) -> str:
+    """What torch's weights-only unpickler refused, from its message."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+    if found:
+        return f"the global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: *(.+)", message)
+    return found.group(1).strip()[:200] if found else "objects other than tensors"
+
+
+#: Globals a numpy-array pickle needs (protocols 0-5, numpy 1 and 2 module names).
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        numpy_dtype = module == "numpy.dtypes" and name.endswith("DType")  # numpy 2 dtypes
+        if (module, name) in _NUMPY_GLOBALS or numpy_dtype:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise _UnsafeGlobal(f"{module}.{name}")
+
+
+class _UnsafeGlobal(Exception):
+    pass
+
+
+def _load_numpy_pickle(data: bytes, label: str) -> dict[str, Any]:
+    """A plain pickle of numpy arrays (detectron2's model zoo), numpy globals only."""
+    import numpy as np
+
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except _UnsafeGlobal as exc:
+        raise _refused(label, f"the global {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{label}: not a readable checkpoint ({_first_line(exc)})") from None
+
+    def to_torch(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise CheckpointError(f"{label}: holds an array of Python objects, not numbers")
+            return torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, dict):
+            return {k: to_torch(v) for k, v in value.items()}
+        return value
+
+    return to_torch(obj)
 
 
 #: Keys under which frameworks nest the weights (detectron2/DeiT: model, VideoMAE: module,
-#: PySlowFast/ViViT: model_state).
+#: PySlowFast/TAdaConv ViViT: model_state).
 WRAPPER_KEYS = ("model", "module", "model_state", "state_dict")
 
 
@@ -68,8 +159,10 @@ def unwrap(obj: Any) -> dict[str, torch.Tensor]:
                 return inner
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-    raise CheckpointError("no tensor dict found in the checkpoint (looked at the top level and "
-                          f"under {', '.join(WRAPPER_KEYS)})")
+        found = ", ".join(sorted(map(str, obj))[:10]) or "nothing"
+        raise CheckpointError(f"no tensor dict found in the checkpoint (looked at the top level "
+                              f"and under {', '.join(WRAPPER_KEYS)}; top-level keys: {found})")
+    raise CheckpointError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
 
 
 def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -84,22 +177,30 @@ def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         for label, items in (("missing", missing), ("unexpected", unexpected),
                              ("wrong shape", shapes)):
             if items:
-                shown = ", ".join(items[:12]) + (f" ... (+{len(items) - 12})" if len(items) > 12 else "")
+                more = f" ... (+{len(items) - 12})" if len(items) > 12 else ""
+                shown = ", ".join(items[:12]) + more
                 parts.append(f"{label} keys ({len(items)}): {shown}")
         target = getattr(getattr(model, "arch", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))
 
 
-def load_into(model: torch.nn.Module, source: Any, name: str | None = None) -> None:
+def load_into(model: torch.nn.Module, source: Any, name: str | None = None):
     """Load a checkpoint (path or open file) into ``model``, converting foreign formats.
 
     The format is recognised from its key names (see ``models/convert.py``); a checkpoint
-    that does not fit is refused with every missing and unexpected key listed.
+    that does not fit is refused with every missing and unexpected key listed. Returns the
+    :class:`~models.convert.Conversion` (format, dropped keys, notes); a format that implies
+    its input normalisation sets ``model.pixel_mean`` / ``model.pixel_std``.
     """
     label = name or (str(source) if not hasattr(source, "read") else "<stream>")
-    from .convert import convert_for
+    from .convert import convert
 
-    state = unwrap(load_file(source, name))
-    converted = convert_for(model, state)
-    check_keys(model, converted, label)
-    model.load_state_dict(converted, strict=True)
+    conversion = convert(model, unwrap(load_file(source, name)))
+    where = label if conversion.format == "native" else f"{label} ({conversion.format} layout)"
+    check_keys(model, conversion.state, where)
+    model.load_state_dict(conversion.state, strict=True)
+    if conversion.pixel_mean is not None:
+        model.pixel_mean = conversion.pixel_mean
+        model.pixel_std = conversion.pixel_std
+    model.checkpoint_conversion = conversion
+    return conversion

@@ -28,15 +28,21 @@ class ViTDetector(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor, grid: tuple[int, int],
                      ledger: Ledger | None = None, images: torch.Tensor | None = None,
-                     score_threshold: float = 0.05) -> list[Detections]:
-        """Final backbone tokens (B, N, D) to detections in input pixels."""
+                     score_threshold: float = 0.05,
+                     image_sizes: list[tuple[int, int]] | None = None) -> list[Detections]:
+        """Final backbone tokens (B, N, D) to detections in input pixels. ``image_sizes``:
+        the (h, w) of each image before square padding (a two-stage head clips boxes to it,
+        as detectron2 does); default: the whole input."""
         b, n, d = tokens.shape
         fmap = self.backbone.norm(tokens).transpose(1, 2).reshape(b, d, *grid)
         features = self.neck(fmap, ledger)
         if isinstance(self.head, CenterNetHead):
             return self.head.decode(self.head(features, ledger), score_threshold)
-        image_size = tuple(images.shape[-2:]) if images is not None else (grid[0] * 16, grid[1] * 16)
-        return self.head(features, image_size, ledger=ledger, score_threshold=score_threshold)
+        if image_sizes is None:
+            patch = self.backbone.patch
+            image_sizes = tuple(images.shape[-2:]) if images is not None else \
+                (grid[0] * patch, grid[1] * patch)
+        return self.head(features, image_sizes, ledger=ledger, score_threshold=score_threshold)
 
     def forward(self, images: torch.Tensor, ledger: Ledger | None = None,
                 score_threshold: float = 0.05) -> list[Detections]:

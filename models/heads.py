@@ -52,8 +52,8 @@ def counted(module: nn.Module, x: torch.Tensor, ledger: Ledger | None,
         return module(x)
     handles = []
 
-    def hook(mod, _inp, out):
-        ledger.add(conv_macs(mod, out), category)
+    def hook(mod, inp, out):
+        ledger.add(conv_macs(mod, out, inp[0]), category)
 
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -155,12 +155,12 @@ class CenterNetHead(nn.Module):
         b, c, h, w = heat.shape
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
         k = min(self.max_detections, c * h * w)
-        scores, idx = peaks.view(b, -1).topk(k)
+        scores, idx = peaks.reshape(b, -1).topk(k)
         labels = idx // (h * w)
         pix = idx % (h * w)
         ys, xs = (pix // w).float(), (pix % w).float()
-        size = raw["size"].float().view(b, 2, -1)
-        off = raw["offset"].float().view(b, 2, -1)
+        size = raw["size"].float().reshape(b, 2, -1)
+        off = raw["offset"].float().reshape(b, 2, -1)
         out = []
         for i in range(b):
             keep = scores[i] >= score_threshold

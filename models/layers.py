@@ -54,12 +54,19 @@ class PatchEmbed3D(nn.Module):
         return y.flatten(2).transpose(1, 2), grid
 
 
-def conv_macs(conv: nn.Module, out: torch.Tensor) -> int:
-    """MACs per sample of a convolution that produced ``out`` (bias additions included)."""
-    per_out = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
-    if conv.bias is not None:
-        per_out += 1
-    return out[0].numel() * per_out
+def conv_macs(conv: nn.Module, out: torch.Tensor, inp: torch.Tensor | None = None) -> int:
+    """MACs per sample of a convolution that produced ``out`` (bias additions included).
+
+    A transposed convolution scatters every *input* element through its kernel, so its MACs
+    follow the input (``inp``; without it, the input size is taken as the output size over
+    the stride, exact for ViTDet's stride-equals-kernel upsampling)."""
+    bias = out[0].numel() if conv.bias is not None else 0
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        spatial_in = (inp[0, 0].numel() if inp is not None
+                      else out[0, 0].numel() // math.prod(conv.stride))
+        return (spatial_in * conv.in_channels * (conv.out_channels // conv.groups)
+                * math.prod(conv.kernel_size) + bias)
+    return out[0].numel() * conv.in_channels // conv.groups * math.prod(conv.kernel_size) + bias
 
 
 class Mlp(nn.Module):
@@ -120,6 +127,27 @@ def rel_pos_terms(q: torch.Tensor, q_grid: Grid, k_grid: Grid, rel_pos_h: torch.
     rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, rw).reshape(*lead, qh * qw, kw)
     if ledger is not None:  # einsum MACs per stream: outputs x C, for both terms
         ledger.matmul(per_stream * qh * qw * (kh + kw), c, category)
+    return rel_h, rel_w
+
+
+def rel_pos_terms_at(q: torch.Tensor, q_index: torch.Tensor, q_grid: Grid, k_grid: Grid,
+                     rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                     ledger: Ledger | None = None, category: str = "backbone"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rel_pos_terms` for a subset of the queries of ``q_grid``.
+
+    ``q`` (B, heads, nq, C) are the queries at flat grid positions ``q_index`` (B, nq) (a
+    pruning method's kept tokens). Returns ``rel_h`` (B, heads, nq, kh) and ``rel_w``
+    (B, heads, nq, kw); only the ``nq`` rows are computed (and counted).
+    """
+    qw = q_grid[1]
+    kh, kw = k_grid
+    rh = get_rel_pos(q_grid[0], kh, rel_pos_h)[q_index.div(qw, rounding_mode="floor")]
+    rw = get_rel_pos(qw, kw, rel_pos_w)[q_index.remainder(qw)]  # (B, nq, kw, C)
+    rel_h = torch.einsum("bhnc,bnkc->bhnk", q, rh)
+    rel_w = torch.einsum("bhnc,bnkc->bhnk", q, rw)
+    if ledger is not None:
+        ledger.matmul(q.shape[1] * q.shape[2] * (kh + kw), q.shape[3], category)
     return rel_h, rel_w
 
 
@@ -217,10 +245,13 @@ class Attention(nn.Module):
         return None if self.qkv.bias is None else self.qkv.bias.detach()
 
     def attend(self, qkv: torch.Tensor, grid: Grid, window: int, prefix: int = 0,
-               ledger: Ledger | None = None, need_probs: bool = False) -> AttentionOutput:
+               ledger: Ledger | None = None, need_probs: bool = False,
+               key_mask: torch.Tensor | None = None) -> AttentionOutput:
         """Dense attention from projected ``qkv`` (B, P+N, 3D); returns merged heads (B, P+N, D).
 
         ``window`` > 0 partitions the 2-D grid into windows (no prefix tokens allowed then).
+        ``key_mask`` (B, P+N) bool: False tokens are excluded as keys (learned gates); the
+        window padding stays a key, as in the dense model.
         """
         b = qkv.shape[0]
         if window:
@@ -229,12 +260,16 @@ class Attention(nn.Module):
             qkv_w, padded = window_partition(qkv, grid, window, self.qkv_pad_value())
             n_windows = qkv_w.shape[0] // b
             q_grid = (window, window)
+            if key_mask is not None:
+                key_mask, _ = window_partition(key_mask[..., None], grid, window,
+                                               key_mask.new_ones(1))
+                key_mask = key_mask[..., 0]
         else:
             qkv_w, padded, n_windows = qkv, None, 1
             q_grid = grid if (self.use_rel_pos and not prefix) else None
         q, k, v = (self.split_heads(t) for t in qkv_w.chunk(3, dim=-1))
         out, probs = self.core(q, k, v, q_grid, q_grid, ledger=ledger,
-                               per_stream=n_windows, need_probs=need_probs)
+                               per_stream=n_windows, need_probs=need_probs, key_mask=key_mask)
         out = self.merge_heads(out)
         if window:
             out = window_unpartition(out, b, grid, padded, window)
@@ -242,12 +277,15 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid | None,
              k_grid: Grid | None, ledger: Ledger | None = None, per_stream: int = 1,
-             need_probs: bool = False, key_mask: torch.Tensor | None = None
+             need_probs: bool = False, key_mask: torch.Tensor | None = None,
+             attn_bias: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """softmax(q k^T * scale + rel_pos) v for q (b, h, nq, c), k/v (b, h, nk, c).
 
         ``per_stream``: how many of the ``b`` attention batches belong to one stream (windows).
         ``key_mask`` (b, nk) bool: False keys are excluded (used for ragged batches).
+        ``attn_bias`` (b, h, nq, nk): added to the logits (relative position of gathered
+        tokens, computed and counted by the caller).
         """
         h, nq, c = q.shape[1], q.shape[2], q.shape[3]
         nk = k.shape[2]
@@ -259,7 +297,13 @@ class Attention(nn.Module):
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*rel_h.shape[:-1], kh * kw)
             if ledger is not None:
                 ledger.adds(per_stream * h * nq * nk * 2)  # both terms added to every logit
+        if attn_bias is not None:
+            bias = attn_bias if bias is None else bias + attn_bias
         if key_mask is not None:
+            # a query set with every key excluded (a window of pruned tokens) would softmax
+            # over nothing: let it see all keys instead; its rows belong to excluded tokens,
+            # which callers discard, and NaN never enters the computation (or its gradients)
+            key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
             neg = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
             neg.masked_fill_(~key_mask, float("-inf"))
             neg = neg[:, None, None, :]
@@ -295,9 +339,19 @@ class Block(nn.Module):
                 ledger: Ledger | None = None, need_probs: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Dense block; returns the new tokens and (if asked) the attention probabilities."""
+        x, _, probs = self.forward_qkv(x, grid, prefix, ledger, need_probs)
+        return x, probs
+
+    def forward_qkv(self, x: torch.Tensor, grid: Grid, prefix: int = 0,
+                    ledger: Ledger | None = None, need_probs: bool = False,
+                    key_mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As :meth:`forward`, also returning the block's qkv projection (B, P+N, 3D) (methods
+        that score tokens by their keys reuse it). ``key_mask`` (B, P+N) bool excludes the
+        False tokens as keys (their own rows are still computed)."""
         n, d = x.shape[1], x.shape[2]
         qkv = self.attn.qkv(self.norm1(x))
-        att = self.attn.attend(qkv, grid, self.window, prefix, ledger, need_probs)
+        att = self.attn.attend(qkv, grid, self.window, prefix, ledger, need_probs, key_mask)
         x = x + self.attn.proj(att.out)
         x = x + self.mlp(self.norm2(x), ledger)
         if ledger is not None:
@@ -305,7 +359,7 @@ class Block(nn.Module):
             ledger.linear(self.attn.proj, n)
             ledger.adds(2 * n * d)  # the two residual additions
             ledger.processed(n)
-        return x, att.probs
+        return x, qkv, att.probs
 
 
 def sincos_pos_embed(n_positions: int, dim: int) -> torch.Tensor:

@@ -48,21 +48,32 @@ class VideoMAERecognizer(nn.Module):
 
 
 class ViViTRecognizer(nn.Module):
-    """ViViT factorised encoder: a spatial ViT with a class token runs on every frame (a
+    """ViViT factorised encoder: a spatial ViT with a class token runs on every time step (a
     *frame* model, so temporal pruning methods apply to it), then a temporal transformer over
-    the per-frame class tokens of a clip, with its own class token, and a linear head."""
+    the per-step class tokens of a clip, with its own class token, and a linear head.
+
+    A time step is ``tubelet`` consecutive frames (the published ViViT-B weights embed 2x16x16
+    tubelets): the spatial ViT takes them stacked channel-major, ``3 * tubelet`` channels, which
+    is the tubelet Conv3d as a Conv2d. ``clip_frames`` counts frames; the temporal model sees
+    ``clip_frames // tubelet`` steps.
+    """
 
     task = "recognition"
     kind = "frame"
 
     def __init__(self, spatial: ViT, temporal_depth: int, num_classes: int,
-                 class_names: list[str], clip_frames: int = 32, dropout: float = 0.0):
+                 class_names: list[str], clip_frames: int = 32, dropout: float = 0.0,
+                 tubelet: int = 1):
         super().__init__()
+        if clip_frames % tubelet:
+            raise ValueError(f"clip_frames {clip_frames} is not a multiple of tubelet {tubelet}")
         dim = spatial.dim
         self.backbone = spatial
         self.clip_frames = clip_frames
+        self.tubelet = tubelet
+        self.clip_steps = clip_frames // tubelet
         self.temporal_cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.temporal_pos = nn.Parameter(torch.zeros(1, clip_frames + 1, dim))
+        self.temporal_pos = nn.Parameter(torch.zeros(1, self.clip_steps + 1, dim))
         nn.init.trunc_normal_(self.temporal_pos, std=0.02)
         self.temporal = nn.ModuleList(Block(dim, spatial.heads) for _ in range(temporal_depth))
         self.temporal_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -91,10 +102,19 @@ class ViViTRecognizer(nn.Module):
             ledger.linear(self.head, 1, "head")
         return self.head(self.head_drop(self.temporal_norm(x[:, 0])))
 
+    def stack_steps(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips (B, 3, T, H, W) to spatial-model inputs (B * T // tubelet, 3 * tubelet, H, W),
+        channels of one time step ordered (colour, frame)."""
+        b, c, t, h, w = clips.shape
+        steps = t // self.tubelet
+        x = clips[:, :, : steps * self.tubelet].reshape(b, c, steps, self.tubelet, h, w)
+        return x.permute(0, 2, 1, 3, 4, 5).reshape(b * steps, c * self.tubelet, h, w)
+
     def forward(self, clips: torch.Tensor, ledger: Ledger | None = None) -> torch.Tensor:
-        """Dense logits for clips (B, 3, T, H, W): spatial model per frame, then temporal."""
-        b, _, t, h, w = clips.shape
-        frames = clips.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)
+        """Dense logits for clips (B, 3, T, H, W): spatial model per step, then temporal."""
+        b = clips.shape[0]
+        frames = self.stack_steps(clips)
+        t = frames.shape[0] // b
         sub = Ledger(b * t) if ledger is not None else None
         e = self.backbone.embed(frames, sub)
         tokens, _ = self.backbone.forward_blocks(e.tokens, e.grid, sub)

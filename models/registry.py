@@ -63,7 +63,10 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
 
     ``options`` override the recipe: ``depth``, ``dim``, ``heads``, ``input_size``,
     ``window``, ``neck_scales``, ``neck_channels``, ``head_level``, ``clip_frames``,
-    ``temporal_depth``, ``pretrain_grid``.
+    ``temporal_depth``, ``tubelet`` (ViViT), ``rcnn`` (a dict of R-CNN head settings),
+    ``pretrain_grid``. ``svit`` (``{"dense_blocks": .., "keep_ratios": [..]}``) adds SViT
+    gates to the backbone (``models/methods/svit.py``), for checkpoints and zoo entries that
+    ship trained gates.
     """
     try:
         arch = ARCHS[name]
@@ -76,6 +79,7 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
     num_classes = num_classes or _DEFAULT_CLASSES[arch.task]
     class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     input_size = int(opts.pop("input_size", arch.input_size))
+    svit = opts.pop("svit", None)  # trained SViT gates shipped with the weights
     dims = {k: opts.pop(k) for k in ("depth", "dim", "heads") if k in opts}
     pretrain = tuple(opts.pop("pretrain_grid", (14, 14)))
 
@@ -93,8 +97,9 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
         elif head_kind == "rcnn":
             from .rcnn import build_rcnn_head  # the detectron2 two-stage port
 
-            neck = SimpleFeaturePyramid(backbone.dim, 256, (4.0, 2.0, 1.0, 0.5))
-            head = build_rcnn_head(num_classes, **opts.pop("rcnn", {}))
+            channels = int(opts.pop("neck_channels", 256))
+            neck = SimpleFeaturePyramid(backbone.dim, channels, (4.0, 2.0, 1.0, 0.5))
+            head = build_rcnn_head(num_classes, **{**opts.pop("rcnn", {}), "in_channels": channels})
         else:
             raise ModelError(f"unknown detection head {head_kind!r}")
         model: nn.Module = ViTDetector(backbone, neck, head, class_names)
@@ -109,13 +114,22 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
         model = VideoMAERecognizer(backbone, num_classes, class_names,
                                    clip_frames=int(opts.pop("clip_frames", 16)))
     elif arch.family == "vivit":
-        spatial = plain_vit(arch.size, img_size=input_size, **dims)
+        tubelet = int(opts.pop("tubelet", 1))  # frames per time step (published ViViT-B: 2)
+        spatial = plain_vit(arch.size, img_size=input_size, in_chans=3 * tubelet, **dims)
         model = ViViTRecognizer(spatial, int(opts.pop("temporal_depth", 4)), num_classes,
-                                class_names, clip_frames=int(opts.pop("clip_frames", 32)))
+                                class_names, clip_frames=int(opts.pop("clip_frames", 32)),
+                                tubelet=tubelet)
     else:  # pragma: no cover - the table above is closed
         raise ModelError(f"unknown family {arch.family!r}")
     if opts:
         raise ModelError(f"unknown options for {name}: {', '.join(sorted(opts))}")
+    if svit is not None:
+        from .methods.svit import attach_gates
+
+        try:
+            attach_gates(model, svit)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"bad svit gate options for {name}: {exc}") from None
     model.arch = arch
     model.input_size = input_size
     model.build_options = {**options, "input_size": input_size}

@@ -67,6 +67,7 @@ class RunnerState:
     steps: int = 0                                     # frames given to each stream so far
     clip_frames: list[list[torch.Tensor]] = field(default_factory=list)   # clip models
     clip_embeddings: list[list[torch.Tensor]] = field(default_factory=list)  # ViViT
+    pending: list[torch.Tensor] = field(default_factory=list)  # frames of an open tubelet (B,3,H,W)
     clip_start: list[int] = field(default_factory=list)
     clips_done: list[int] = field(default_factory=list)
 
@@ -91,6 +92,8 @@ class StreamRunner:
         self.task = model.task
         self.kind = model.kind
         self.clip_frames = getattr(model, "clip_frames", 0)
+        self.tubelet = int(getattr(model, "tubelet", 1))  # frames per step of a frame model
+        self.clip_steps = int(getattr(model, "clip_steps", self.clip_frames))
         patch = model.backbone.patch
         if self.input_size % patch:
             raise ValueError(f"input size {self.input_size} is not a multiple of the patch "
@@ -117,7 +120,8 @@ class StreamRunner:
             clip_frames=[state.clip_frames[i] for i in keep],
             clip_embeddings=[state.clip_embeddings[i] for i in keep],
             clip_start=[state.clip_start[i] for i in keep],
-            clips_done=[state.clips_done[i] for i in keep])
+            clips_done=[state.clips_done[i] for i in keep],
+            pending=[p.index_select(0, index.to(p.device)) for p in state.pending])
 
     # -- preprocessing -----------------------------------------------------------------------
     def _to_tensor(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -165,11 +169,12 @@ class StreamRunner:
             led = Ledger(1)
             r = self.input_size
             if self.kind == "frame":
-                e = meta.backbone.embed(torch.zeros(1, 3, r, r, device="meta"), led)
+                chans = meta.backbone.patch_embed.proj.in_channels  # 3 x frames per step
+                e = meta.backbone.embed(torch.zeros(1, chans, r, r, device="meta"), led)
                 meta.backbone.forward_blocks(e.tokens, e.grid, led)
-                if what == "clip":  # ViViT: the temporal model over a clip of frame embeddings
+                if what == "clip":  # ViViT: the temporal model over a clip of step embeddings
                     led = Ledger(1)
-                    meta.forward_temporal(torch.zeros(1, self.clip_frames, meta.backbone.dim,
+                    meta.forward_temporal(torch.zeros(1, self.clip_steps, meta.backbone.dim,
                                                       device="meta"), led)
             else:
                 e = meta.backbone.embed(
@@ -203,7 +208,8 @@ class StreamRunner:
         if self.task != "recognition":
             return outs
         todo = [j for j, i in enumerate(streams)
-                if state.clips_done[i] == 0 and (state.clip_frames[i] or state.clip_embeddings[i])]
+                if state.clips_done[i] == 0
+                and (state.clip_frames[i] or state.clip_embeddings[i] or state.pending)]
         for j in todo:
             i = streams[j]
             if self.kind == "clip":
@@ -211,8 +217,10 @@ class StreamRunner:
                 state.clip_frames[i] = frames + [frames[-1]] * (self.clip_frames - len(frames))
                 self._run_clips([i], state, [outs[j]], padded=True)
             else:
+                if not state.clip_embeddings[i]:  # shorter than one tubelet
+                    self._finish_tubelet(i, state, outs[j])
                 emb = state.clip_embeddings[i]
-                state.clip_embeddings[i] = emb + [emb[-1]] * (self.clip_frames - len(emb))
+                state.clip_embeddings[i] = emb + [emb[-1]] * (self.clip_steps - len(emb))
                 self._run_temporal([i], state, [outs[j]], padded=True)
         return outs
 
@@ -224,16 +232,24 @@ class StreamRunner:
         else:
             prepped = None
             images = torch.stack([self.preprocess_recognition(f) for f in frames]).to(self.dtype)
+            if self.tubelet > 1:  # a step of the model is a tubelet of frames: wait for them
+                state.pending.append(images)
+                if len(state.pending) < self.tubelet:
+                    return [StepOutput() for _ in range(b)]
+                images = torch.stack(state.pending, dim=2).flatten(1, 2)  # (colour, frame)
+                state.pending = []
         ledger = Ledger(b)
         emb = self.model.backbone.embed(images, ledger)
         valid = _valid_tokens(emb.grid, [p[2] for p in prepped], self.model.backbone.patch,
                               self.device) if prepped else None
-        ctx = StepContext(valid=valid, first=state.steps == 0, input_size=tuple(images.shape[-2:]))
+        ctx = StepContext(valid=valid, first=state.steps < self.tubelet,
+                          input_size=tuple(images.shape[-2:]))
         tokens = self.method.forward(self.model.backbone, emb, state.method, ledger, ctx)
         outs = [StepOutput() for _ in range(b)]
         if self.task == "detection":
             dets = self.model.forward_head(tokens[:, emb.prefix:], emb.grid, ledger, images,
-                                           score_threshold=min(self.score_threshold, 0.05))
+                                           score_threshold=min(self.score_threshold, 0.05),
+                                           image_sizes=[p[2] for p in prepped])
             if self.method.uses_predictions:
                 self.method.observe(state.method, dets, ctx)
             for i, (d, (_img, scale, (nh, nw))) in enumerate(zip(dets, prepped)):
@@ -249,9 +265,9 @@ class StreamRunner:
             ready = []
             for i in range(b):
                 if not state.clip_embeddings[i]:
-                    state.clip_start[i] = state.steps
+                    state.clip_start[i] = state.steps - (self.tubelet - 1)
                 state.clip_embeddings[i].append(emb_cls[i])
-                if len(state.clip_embeddings[i]) == self.clip_frames:
+                if len(state.clip_embeddings[i]) == self.clip_steps:
                     ready.append(i)
             if ready:
                 self._run_temporal(ready, state, [outs[i] for i in ready])
@@ -259,6 +275,21 @@ class StreamRunner:
             raise ValueError(f"task {self.task!r} is not supported on streams")
         self._account(outs, ledger, self.dense_ledger("frame"))
         return outs
+
+    def _finish_tubelet(self, i: int, state: RunnerState, out: StepOutput) -> None:
+        """Stream ``i`` ends before its first tubelet is complete: repeat its last frame to
+        fill one, and run the spatial model on it."""
+        frames = [p[i] for p in state.pending]
+        frames += [frames[-1]] * (self.tubelet - len(frames))
+        images = torch.stack(frames, dim=1).flatten(0, 1)[None]  # (1, 3 * tubelet, H, W)
+        ledger = Ledger(1)
+        emb = self.model.backbone.embed(images, ledger)
+        ctx = StepContext(valid=None, first=True, input_size=tuple(images.shape[-2:]))
+        sub_state = state.method.select(torch.as_tensor([i]))
+        tokens = self.method.forward(self.model.backbone, emb, sub_state, ledger, ctx)
+        state.clip_start[i] = state.steps - len(state.pending)
+        state.clip_embeddings[i] = [self.model.frame_embedding(tokens)[0]]
+        self._account([out], ledger, self.dense_ledger("frame"))
 
     def _run_temporal(self, streams: list[int], state: RunnerState, outs: list[StepOutput],
                       padded: bool = False) -> None:

@@ -116,9 +116,10 @@ class ViT(nn.Module):
         table = resize_pos_embed(self.pos_embed[:, self.prefix:], self.pretrain_grid, grid[-2:])
         return torch.cat([prefix, table], dim=1)
 
-    def load_state_dict(self, *args, **kwargs):  # position caches depend on the weights
+    def _load_from_state_dict(self, *args, **kwargs):
+        # position caches depend on the weights; this hook also runs when a parent model loads
         self._pos_cache.clear()
-        return super().load_state_dict(*args, **kwargs)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def embed(self, x: torch.Tensor, ledger: Ledger | None = None) -> Embedded:
         patches, grid = self.patch_embed(x, ledger)

@@ -11,7 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+# One compute thread per test process: tests use tiny models, and several OpenMP threads on a
+# loaded 2-core machine spin against each other (measured 10-25x slower). Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "jobs" / "samples" / "videos"
@@ -106,8 +111,10 @@ def s3(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance shared by every test that needs Ray."""
+def ray_session(s3_server):
+    """One local Ray instance shared by every test that needs Ray. Started after the S3
+    server so that its workers inherit the server's credentials from the environment, as
+    they would from a user's shell."""
     import ray
 
     if not ray.is_initialized():
@@ -116,3 +123,57 @@ def ray_session():
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
+
+
+# -- generated videos and tiny models ---------------------------------------------------------
+
+def make_video(path: Path, frames: int, size: tuple[int, int] = (64, 48), fps: int = 10,
+               gop: int = 12) -> Path:
+    """A real H.264 MP4 of ``frames`` frames of FFmpeg's moving test pattern, made with
+    imageio-ffmpeg's ffmpeg binary."""
+    import imageio_ffmpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+                    "-f", "lavfi", "-i", f"testsrc=size={size[0]}x{size[1]}:rate={fps}",
+                    "-frames:v", str(frames), "-pix_fmt", "yuv420p", "-c:v", "libx264",
+                    "-g", str(gop), str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def video_factory():
+    """``make_video(path, frames, size=(64, 48), fps=10)``: generate a small real video."""
+    return make_video
+
+
+#: Architecture options of the tiny models the pipeline tests run (fast on one CPU core).
+TINY_DETECTOR = {"input_size": 64, "depth": 2, "dim": 32, "heads": 2, "neck_channels": 16}
+TINY_RECOGNIZER = {"input_size": 32, "depth": 2, "dim": 32, "heads": 2, "clip_frames": 4}
+
+
+def _save_tiny(path: Path, arch: str, labels: list[str], options: dict) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from models import build_arch
+
+    torch.manual_seed(0)
+    model = build_arch(arch, class_names=labels, **options)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return {"arch": arch, "checkpoint": str(path), "labels": labels, "options": dict(options)}
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tmp_path_factory) -> dict:
+    """The ``model`` section of a job spec for a tiny random-init ViTDet saved with
+    safetensors (loaded through the real checkpoint path)."""
+    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny-det.safetensors", "vitdet-ti",
+                      ["person", "car", "dog"], TINY_DETECTOR)
+
+
+@pytest.fixture(scope="session")
+def tiny_recognizer(tmp_path_factory) -> dict:
+    """The ``model`` section of a job spec for a tiny random-init VideoMAE."""
+    return _save_tiny(tmp_path_factory.mktemp("models") / "tiny-rec.safetensors", "videomae-ti",
+                      [f"action_{i}" for i in range(8)], TINY_RECOGNIZER)

@@ -31,11 +31,12 @@ class StepContext:
     """What the runner knows about the frames of one step.
 
     ``valid`` (B, N) marks the grid tokens that cover real pixels (False on the padding added
-    to make the input square); ``first`` (B,) is True for streams at their first frame.
+    to make the input square); ``first`` is True at the first frame of the streams (streams of
+    one state start together, so it holds for all of them).
     """
 
     valid: torch.Tensor | None
-    first: torch.Tensor
+    first: bool
     input_size: tuple[int, int]
 
 

@@ -1,0 +1,76 @@
+"""``vidprune demo``: the main job on the videos shipped with vidprune, with a local Ray and a
+local output folder.
+
+The demo's videos come from :data:`DEMO_SOURCES`: functions that, given a scratch folder,
+return video files. Add a source (generated clips, say) by appending to it; when the videos
+come from more than one folder they are linked into ``<out>-videos/`` and the job reads that.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "videos"
+
+
+def sample_clips(scratch: Path) -> list[Path]:
+    """The real clips in jobs/samples/videos (see its README.md)."""
+    from pipeline.listing import DEFAULT_PATTERNS, matches
+
+    return sorted(p for p in SAMPLES.iterdir() if p.is_file() and matches(p.name, DEFAULT_PATTERNS))
+
+
+DEMO_SOURCES: list[Callable[[Path], list[Path]]] = [sample_clips]
+
+
+def demo_input(out: Path) -> Path:
+    """The folder the demo job reads."""
+    scratch = out.parent / f"{out.name}-videos"
+    videos = [v for source in DEMO_SOURCES for v in source(scratch)]
+    folders = {v.parent for v in videos}
+    if len(folders) == 1:
+        return folders.pop()
+    scratch.mkdir(parents=True, exist_ok=True)
+    for v in videos:
+        link = scratch / v.name
+        if not link.exists() and v.parent != scratch:
+            os.symlink(v.resolve(), link)
+    return scratch
+
+
+def add_parser(sub) -> None:
+    from .run import add_job_options
+
+    p = sub.add_parser(
+        "demo", help="run the main job on the bundled sample videos",
+        description="Run the main job on the sample videos shipped with vidprune (default "
+                    "model and method, local Ray), then print where the results are and a "
+                    "summary. Any spec key can be changed with --set.")
+    p.add_argument("--out", default="vidprune-output/demo",
+                   help="output folder (default: ./vidprune-output/demo; replaced on every "
+                        "run)")
+    add_job_options(p)
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from ..spec import load_spec
+    from .run import run_spec
+
+    out = Path(args.out).expanduser().resolve()
+    base = {
+        "name": "demo",
+        "input": {"uri": str(demo_input(out))},
+        "output": {"uri": str(out), "mode": "overwrite"},
+        # Sample clips run at 10 frames per second: enough for temporal methods to find
+        # redundancy, quick on a laptop CPU.
+        "decode": {"fps": 10},
+    }
+    spec, notes = load_spec(None, args.overrides, base=base)
+    code = run_spec(spec, notes, address=args.address, dry_run=args.dry_run)
+    if code == 0 and not args.dry_run:
+        print(f"\nresults: {out}/videos/videos.parquet (one row per video), "
+              f"{out}/annotations/ (one Parquet file per segment), {out}/job.json")
+    return code

@@ -1,0 +1,222 @@
+"""``vidprune train-gates``: fine-tune SViT token gates on a model and write a checkpoint.
+
+Reads a plain folder of videos with decord and distils the gated model to the same model run
+densely (no labels needed; see ``models/svit_training.py``). Writes ``--out`` (safetensors:
+the model's weights plus its gates) and a zoo card beside it (``<out>.json``: architecture,
+options with the gate spec, class names, how the gates were trained). Copying both into
+``models/zoo/`` ships the model as a zoo entry that runs with ``pruning.method: svit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..options import parse_key_values
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-gates", help="fine-tune SViT token gates and write a checkpoint with them",
+        description="Fine-tune SViT token gates on a model (distilled to the dense model on a "
+                    "folder of videos) and write a checkpoint plus a zoo card.")
+    p.add_argument("--model", required=True, help="zoo name or architecture (e.g. videomae-s)")
+    p.add_argument("--checkpoint", help="weights for an architecture (.safetensors, .pth ...)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture option, VALUE as JSON (e.g. depth=6); repeatable")
+    p.add_argument("--data", required=True, help="folder of videos (searched recursively)")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors); the zoo card "
+                                                "is written beside it as .json")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
+    p.add_argument("--batch", type=int, default=2, help="clips or frames per step (default 2)")
+    p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate (default 1e-3)")
+    p.add_argument("--backbone-lr", type=float, default=0.0,
+                   help="also fine-tune the rest of the model at this rate (default 0: frozen)")
+    p.add_argument("--dense-blocks", type=int,
+                   help="blocks left ungated in front (default: depth // 4, the authors' 3 of 12)")
+    p.add_argument("--keep-ratios", help="comma-separated keep targets, one per gated block "
+                                         "(default: 0.7, 0.49, 0.343 in three groups)")
+    p.add_argument("--frame-stride", type=int, default=4,
+                   help="frames between the frames of a training clip (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> tuple[Path, list[Path], dict]:
+    problems = []
+    data = Path(args.data)
+    videos = []
+    if not data.is_dir():
+        problems.append(f"--data {data}: not a folder")
+    else:
+        videos = sorted(p for p in data.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not videos:
+            problems.append(f"--data {data}: no videos ({', '.join(VIDEO_SUFFIXES)})")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        problems.append(f"--out {out}: must end in .safetensors")
+    elif not out.parent.is_dir():
+        problems.append(f"--out {out}: folder {out.parent} does not exist")
+    for name in ("steps", "batch", "frame_stride"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    spec = {}
+    if args.dense_blocks is not None:
+        spec["dense_blocks"] = args.dense_blocks
+    if args.keep_ratios:
+        try:
+            spec["keep_ratios"] = [float(v) for v in args.keep_ratios.split(",")]
+        except ValueError:
+            problems.append(f"--keep-ratios {args.keep_ratios!r}: expected numbers, e.g. 0.7,0.5")
+    if problems:
+        raise UserError("\n  ".join(["bad arguments:"] + problems))
+    return out, videos, spec
+
+
+class VideoClips:
+    """Endless random training samples from a folder of videos, preprocessed as the runner
+    does: clips of ``frames`` frames (``stride`` apart) or single frames (``frames`` = 1).
+    Videos that cannot be decoded are dropped with a warning."""
+
+    def __init__(self, paths: list[Path], frames: int, stride: int, preprocess, seed: int):
+        import decord
+
+        self.frames, self.stride, self.preprocess = frames, stride, preprocess
+        self.rng = random.Random(seed)
+        self.readers = []
+        for path in paths:
+            try:
+                reader = decord.VideoReader(str(path), num_threads=1)
+                if len(reader):
+                    self.readers.append((path, reader))
+            except Exception as exc:  # decord raises its own error types
+                print(f"warning: skipping {path.name}: {str(exc).splitlines()[0]}",
+                      file=sys.stderr)
+
+    def sample(self):
+        import torch
+
+        while self.readers:
+            i = self.rng.randrange(len(self.readers))
+            path, reader = self.readers[i]
+            span = (self.frames - 1) * self.stride + 1
+            start = self.rng.randrange(max(1, len(reader) - span + 1))
+            # short videos repeat their last frame, as the runner does for a short stream
+            idx = [min(start + k * self.stride, len(reader) - 1) for k in range(self.frames)]
+            try:
+                frames = reader.get_batch(idx).asnumpy()
+            except Exception as exc:
+                print(f"warning: dropping {path.name}: {str(exc).splitlines()[0]}",
+                      file=sys.stderr)
+                self.readers.pop(i)
+                continue
+            prepped = [self.preprocess(f) for f in frames]
+            return torch.stack(prepped, dim=1) if self.frames > 1 else prepped[0]
+        raise UserError("no video in --data could be decoded")
+
+    def batches(self, batch: int):
+        import torch
+
+        while True:
+            yield torch.stack([self.sample() for _ in range(batch)]), None
+
+
+def run(args) -> int:
+    out, videos, spec = _check_args(args)
+    options = parse_key_values(args.option)
+
+    import torch
+    from safetensors.torch import save_file
+
+    from models import ModelError, build_method, build_model
+    from models.checkpoints import CheckpointError
+    from models.methods.svit import attach_gates, gates_of
+    from models.registry import describe
+    from models.runner import StreamRunner
+    from models.svit_training import GateTraining, measure_keep, train_gates
+
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(args.model, checkpoint=args.checkpoint, **options)
+    except (ModelError, CheckpointError) as exc:
+        raise UserError(str(exc)) from None
+    base = describe(model)
+    if gates_of(model.backbone) is None:
+        try:
+            attach_gates(model, spec)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    elif spec:
+        raise UserError(f"{base} already has gates; --dense-blocks/--keep-ratios apply only to "
+                        f"a model without them")
+    gates = gates_of(model.backbone)
+
+    prep = StreamRunner(model, build_method("none"))
+    if model.kind == "clip" or hasattr(model, "forward_temporal"):
+        frames, preprocess = model.clip_frames, prep.preprocess_recognition
+    elif model.task == "detection":
+        frames, preprocess = 1, lambda f: prep.preprocess_detection(f)[0]
+    else:
+        frames, preprocess = 1, prep.preprocess_recognition
+    source = VideoClips(videos, frames, args.frame_stride, preprocess, args.seed)
+
+    print(f"training SViT gates of {base}: {len(gates.gates)} gated blocks after "
+          f"{gates.dense_blocks} dense, keep targets {gates.keep_ratios}; "
+          f"{len(source.readers)} videos, {args.steps} steps of {args.batch}", file=sys.stderr)
+    started = time.monotonic()
+    every = max(1, args.steps // 20)
+
+    def progress(rec) -> None:
+        if rec.step % every == 0 or rec.step == args.steps:
+            keep = " ".join(f"{k:.2f}" for k in rec.keep)
+            print(f"step {rec.step}/{args.steps}  loss {rec.loss:.4f}  distill "
+                  f"{rec.task_loss:.4f}  ratio {rec.ratio_loss:.4f}  keep [{keep}]  "
+                  f"{time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+
+    config = GateTraining(steps=args.steps, lr=args.lr, backbone_lr=args.backbone_lr)
+    history = train_gates(model, source.batches(args.batch), config, on_step=progress)
+    measured = measure_keep(model, next(source.batches(args.batch))[0])
+
+    card = {
+        "arch": model.arch.name,
+        "options": model.build_options,
+        "class_names": list(model.class_names),
+        "description": f"{base} with SViT token gates (run with pruning.method: svit)",
+        "base_model": base,
+        "svit_training": {
+            "steps": len(history), "batch": args.batch, "lr": args.lr,
+            "backbone_lr": args.backbone_lr, "loss": "distillation to the dense model (MSE of "
+            "the final backbone map) + 4 x sum of (mean keep - target)^2",
+            "data": f"{len(source.readers)} videos from {Path(args.data).name}",
+            "final_loss": history[-1].loss if history else None,
+            "keep_targets": gates.keep_ratios,
+            "keep_fraction_measured": measured.fraction,
+            "keep_probability_measured": measured.probability,
+        },
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    card_path = out.with_suffix(".json")
+    tmp_weights = out.with_name(out.name + ".tmp")
+    tmp_card = card_path.with_name(card_path.name + ".tmp")
+    try:
+        save_file(state, str(tmp_weights))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_weights, 0o666 & ~umask)  # safetensors creates its file owner-only
+        tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+        os.replace(tmp_weights, out)
+        os.replace(tmp_card, card_path)
+    finally:
+        for tmp in (tmp_weights, tmp_card):
+            tmp.unlink(missing_ok=True)
+    print(f"wrote {out} and {card_path} (keep fraction measured "
+          f"{[round(v, 3) for v in measured.fraction]})", file=sys.stderr)
+    return 0

@@ -1,0 +1,270 @@
+"""Eventful Transformers (Dutson, Li, Gupta, ICCV 2023; papers/002, ../shared/METHODS.md s.1).
+
+Every block gets three gate/buffer pairs -- before the qkv projection, before the output
+projection and before the MLP, gates after the LayerNorms -- so the token-wise ops run only on
+the tokens whose input changed most since they were last updated; the residual stream stays
+dense. Global-attention blocks (ViTDet's global blocks, every block of a plain ViT) also update
+attention sparsely: the rows and columns of the cached query-key product for the updated set S,
+relative position added afterwards, softmax recomputed densely, and the attention-value product
+corrected with ``A_new[:, S] dv + dA v_ref[S]`` (changes of A outside the columns S are
+ignored, as in the paper). Windowed blocks recompute their attention on the buffered qkv. A
+stream's first frame runs densely and fills every buffer.
+
+Prefix tokens (the ViViT spatial model's class token): by default they are gated like any other
+token and count in ``r``, as the authors' ViViT does (the class token is concatenated before
+the backbone and its gates see it). ``prefix="always"`` updates them on every frame instead,
+within the same budget (``top_r`` then picks ``r - P`` grid tokens).
+
+``sparse_attention=False`` is the paper's "Token-wise only" variant (attention dense on the
+buffered qkv). ``av_half`` computes the attention-value products in half precision (bfloat16 on
+CPU, float16 elsewhere), as the authors do in global blocks; the cached output stays in the
+model's precision.
+
+Counting (METHODS.md section 0): token-wise ops count their selected rows; the sparse
+query-key update counts ``2 x heads x |S| x T x head_dim``, the attention-value correction
+``2 x heads x T x |S| x head_dim``; relative position and softmax run densely and count as in
+the dense model. Overhead: gate errors and norms, the subtractions and additions of the
+attention-value correction, and every element written into a reference, buffer or attention
+cache on incremental frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layers import Block, Grid, rel_pos_terms
+from ..ledger import Ledger
+from ..vit import Embedded, ViT
+from . import register
+from .base import Method, MethodState, StepContext
+from .gates import Buffer, Gate, GateParams, Selection, count_linear, count_rows
+
+
+@dataclass
+class AttentionCache:
+    """Sparse global attention state: the query-key product without relative position
+    ``qk`` (B, h, T, T), the attention matrix ``a_ref`` (B, h, T, T) whose columns were last
+    used, and the attention-value output ``out`` (B, h, T, c)."""
+
+    qk: torch.Tensor | None = None
+    a_ref: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.qk = self.a_ref = self.out = None
+
+
+@dataclass
+class BlockState:
+    qkv_gate: Gate
+    proj_gate: Gate
+    mlp_gate: Gate
+    qkv: Buffer = field(default_factory=Buffer)
+    proj: Buffer = field(default_factory=Buffer)
+    mlp: Buffer = field(default_factory=Buffer)
+    attention: AttentionCache | None = None
+
+    def reset(self) -> None:
+        for part in (self.qkv_gate, self.proj_gate, self.mlp_gate, self.qkv, self.proj,
+                     self.mlp, self.attention):
+            if part is not None:
+                part.reset()
+
+
+@dataclass
+class EventfulState(MethodState):
+    blocks: list[BlockState]
+    started: bool = False  # False until a first (dense) frame filled the state
+
+    def reset(self) -> None:
+        for b in self.blocks:
+            b.reset()
+        self.started = False
+
+    def nbytes(self) -> int:
+        """Memory the state holds now (all streams): references, buffers, attention caches."""
+        tensors = []
+        for b in self.blocks:
+            tensors += [b.qkv_gate.ref, b.proj_gate.ref, b.mlp_gate.ref, b.qkv.value,
+                        b.proj.value, b.mlp.value]
+            if b.attention is not None:
+                tensors += [b.attention.qk, b.attention.a_ref, b.attention.out]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@register
+class Eventful(Method):
+    name = "eventful"
+    kinds = frozenset({"frame"})
+
+    @dataclass
+    class Params(GateParams):
+        sparse_attention: bool = True  # False: the paper's "Token-wise only" variant
+        av_half: bool = False          # attention-value products in half precision
+
+    gate_class: type[Gate] = Gate
+
+    def sparse_attention(self) -> bool:
+        """Whether global blocks update attention sparsely (variants without it override)."""
+        return self.params.sparse_attention
+
+    def _gate(self, prefix: int) -> Gate:
+        p = self.params
+        return self.gate_class(p.make_policy(), prefix if p.prefix == "always" else 0)
+
+    # -- the method contract ------------------------------------------------------------------
+    def new_state(self, backbone: ViT, batch: int) -> EventfulState:
+        blocks = []
+        for blk in backbone.blocks:
+            sparse = self.sparse_attention() and blk.window == 0
+            blocks.append(BlockState(self._gate(backbone.prefix), self._gate(backbone.prefix),
+                                     self._gate(backbone.prefix),
+                                     attention=AttentionCache() if sparse else None))
+        return EventfulState(blocks)
+
+    def forward(self, backbone: ViT, emb: Embedded, state: EventfulState, ledger: Ledger,
+                ctx: StepContext) -> torch.Tensor:
+        flush = bool(ctx.first) or not state.started  # streams of one state start together
+        if flush:
+            state.reset()
+        x = emb.tokens
+        for blk, bs in zip(backbone.blocks, state.blocks):
+            if flush:
+                x = self._dense_block(blk, bs, x, emb.grid, emb.prefix, ledger)
+            else:
+                x = self._gated_block(blk, bs, x, emb.grid, emb.prefix, ledger)
+        state.started = True
+        return x
+
+    # -- blocks -------------------------------------------------------------------------------
+    def _dense_block(self, blk: Block, bs: BlockState, x: torch.Tensor, grid: Grid,
+                     prefix: int, ledger: Ledger) -> torch.Tensor:
+        """A stream's first frame: every op dense, every reference and buffer filled."""
+        t, d = x.shape[1], x.shape[2]
+        c = blk.norm1(x)
+        bs.qkv_gate.flush(c)
+        qkv = blk.attn.qkv(c)
+        ledger.linear(blk.attn.qkv, t)
+        if bs.attention is not None:
+            a = self._dense_attention(blk, bs.attention, qkv, grid, prefix, ledger)
+        else:
+            a = blk.attn.attend(qkv, grid, blk.window, prefix, ledger).out
+        bs.qkv.fill(qkv)
+        bs.proj_gate.flush(a)
+        bs.proj.fill(blk.attn.proj(a))
+        ledger.linear(blk.attn.proj, t)
+        x = bs.proj.add_to(x)
+        c = blk.norm2(x)
+        bs.mlp_gate.flush(c)
+        bs.mlp.fill(blk.mlp(c, ledger))
+        x = bs.mlp.add_to(x)
+        ledger.adds(2 * t * d)  # the two residual additions
+        ledger.processed(t)
+        return x
+
+    def _gated_block(self, blk: Block, bs: BlockState, x: torch.Tensor, grid: Grid,
+                     prefix: int, ledger: Ledger) -> torch.Tensor:
+        t, d = x.shape[1], x.shape[2]
+        sel, rows = bs.qkv_gate(blk.norm1(x), ledger)
+        qkv_rows = blk.attn.qkv(rows)
+        count_linear(ledger, blk.attn.qkv, sel)
+        if bs.attention is not None:
+            qkv_old = bs.qkv.rows(sel)
+            if sel.mask is not None:  # padding rows keep their old qkv (they are not written)
+                keep = sel.mask[..., None]
+                qkv_rows = torch.where(keep, qkv_rows, qkv_old)
+            bs.qkv.update(sel, qkv_rows, ledger)
+            a = self._sparse_attention(blk, bs.attention, bs.qkv.peek(), qkv_rows, qkv_old, sel,
+                                       grid, prefix, ledger)
+        else:
+            bs.qkv.update(sel, qkv_rows, ledger)
+            a = blk.attn.attend(bs.qkv.peek(), grid, blk.window, prefix, ledger).out
+
+        sel, rows = bs.proj_gate(a, ledger)
+        bs.proj.update(sel, blk.attn.proj(rows), ledger)
+        count_linear(ledger, blk.attn.proj, sel)
+        x = bs.proj.add_to(x)
+
+        sel, rows = bs.mlp_gate(blk.norm2(x), ledger)
+        bs.mlp.update(sel, blk.mlp(rows), ledger)
+        count_linear(ledger, blk.mlp.fc1, sel)
+        count_linear(ledger, blk.mlp.fc2, sel)
+        x = bs.mlp.add_to(x)
+        ledger.adds(2 * t * d)
+        ledger.processed(sel.count)
+        return x
+
+    # -- global attention ---------------------------------------------------------------------
+    def _logits(self, blk: Block, cache: AttentionCache, q: torch.Tensor, grid: Grid,
+                prefix: int, ledger: Ledger) -> torch.Tensor:
+        """Softmax of the cached product plus relative position (added out of place)."""
+        attn = blk.attn
+        logits = cache.qk
+        if attn.use_rel_pos and not prefix:
+            h, t = q.shape[1], q.shape[2]
+            rel_h, rel_w = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
+                                         per_stream=h)
+            kh, kw = grid
+            lead = logits.shape[:-1]
+            logits = torch.add(logits.view(*lead, kh, kw), rel_h[..., :, None])
+            logits += rel_w[..., None, :]  # in place on the new tensor, never on the cache
+            logits = logits.view(*lead, kh * kw)
+            ledger.adds(h * t * t * 2)  # both terms added to every logit
+        return logits.softmax(dim=-1)
+
+    def _av_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if not self.params.av_half:
+            return x.dtype
+        return torch.bfloat16 if x.device.type == "cpu" else torch.float16
+
+    def _dense_attention(self, blk: Block, cache: AttentionCache, qkv: torch.Tensor,
+                         grid: Grid, prefix: int, ledger: Ledger) -> torch.Tensor:
+        attn = blk.attn
+        q, k, v = (attn.split_heads(z) for z in qkv.chunk(3, dim=-1))
+        h, t, c = q.shape[1], q.shape[2], q.shape[3]
+        cache.qk = (q * attn.scale) @ k.transpose(-2, -1)
+        ledger.matmul(h * t * t, c)
+        a = self._logits(blk, cache, q, grid, prefix, ledger)
+        half = self._av_dtype(v)
+        cache.a_ref = a.to(half)
+        cache.out = (cache.a_ref @ v.to(half)).to(v.dtype)
+        ledger.matmul(h * t * c, t)
+        return attn.merge_heads(cache.out.clone())
+
+    def _sparse_attention(self, blk: Block, cache: AttentionCache, qkv: torch.Tensor,
+                          qkv_new: torch.Tensor, qkv_old: torch.Tensor, sel: Selection,
+                          grid: Grid, prefix: int, ledger: Ledger) -> torch.Tensor:
+        """Update the cached attention for the tokens ``sel`` whose qkv changed.
+
+        ``qkv`` is the updated buffer (B, T, 3D); ``qkv_new`` and ``qkv_old`` (B, K, 3D) the
+        selected rows after and before the update (equal on padding rows).
+        """
+        attn = blk.attn
+        q, k, v = (attn.split_heads(z) for z in qkv.chunk(3, dim=-1))
+        q_s, k_s, v_s = (attn.split_heads(z) for z in qkv_new.chunk(3, dim=-1))
+        v_ref = attn.split_heads(qkv_old.chunk(3, dim=-1)[2])
+        h, t, c = q.shape[1], q.shape[2], q.shape[3]
+
+        # query-key product: rows S, then columns S (the S x S block is computed twice)
+        sel.write_rows(cache.qk, (q_s * attn.scale) @ k.transpose(-2, -1))
+        sel.write_columns(cache.qk, (q * attn.scale) @ k_s.transpose(-2, -1))
+        count_rows(ledger, sel, 2 * h * t * c, "backbone")
+        count_rows(ledger, sel, 2 * h * t, "overhead")  # rows and columns written
+        a = self._logits(blk, cache, q, grid, prefix, ledger)
+
+        # attention-value product: out += A_new[:, S] dv + dA v_ref[S]
+        a_s = sel.columns(a)                                       # (B, h, T, K)
+        d_a = sel.zero_padding_columns(a_s - sel.columns(cache.a_ref).to(a.dtype))
+        d_v = v_s - v_ref                                          # zero on padding rows
+        half = self._av_dtype(v)
+        out = cache.out
+        out += (a_s.to(half) @ d_v.to(half)).to(out.dtype)
+        out += (d_a.to(half) @ v_ref.to(half)).to(out.dtype)
+        sel.write_columns(cache.a_ref, a_s)
+        count_rows(ledger, sel, 2 * h * t * c, "backbone")
+        # dA and dv subtractions, A_ref columns written; the two additions into the output
+        count_rows(ledger, sel, h * t + h * c + h * t, "overhead")
+        ledger.add(2 * h * t * c, "overhead")
+        return attn.merge_heads(out.clone())

@@ -1,0 +1,198 @@
+"""Training SViT gates by fine-tuning (papers/004, METHODS.md section 4), pure PyTorch.
+
+The training forward keeps the full token map: each gated block draws hard keep bits with the
+Gumbel-softmax (straight-through), runs on the whole map with the pruned tokens masked out as
+keys, and takes ``keep * block(x) + (1 - keep) * x``, so a pruned token keeps its features and
+the gate gets a gradient through both branches. The loss is the task loss plus
+``ratio_weight * sum over gated blocks of (mean(keep) - target)^2`` (weight 4, as the authors';
+their code averages over the gated blocks instead of summing: ``ratio_reduction="mean"``).
+
+Task loss: cross-entropy on labels for recognizers and classifiers. Without labels (always
+for detectors) the gated model is distilled to the same model run densely: mean squared error
+between the final backbone feature maps (after the backbone's final norm, the map the neck or
+pooling sees). We chose distillation of the final map because it needs no annotations and no
+detection loss, works for every backbone this project has, and is what "keep the dense
+model's output with fewer tokens" means. Only the gates train by default; ``backbone_lr`` > 0
+also fine-tunes the rest of the model at that rate (the dense teacher is then a frozen copy).
+
+Training data is any iterable of ``(inputs, labels)``: inputs are preprocessed clips
+(B, 3, T, H, W) for clip models and recognizers, images (B, 3, H, W) for frame models; labels
+a (B,) long tensor or ``None``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .methods.svit import SViT, SViTGates, SViTState, gates_of
+from .vit import Embedded, ViT
+
+
+@dataclass
+class GateTraining:
+    """Settings of one fine-tuning run."""
+
+    steps: int = 200
+    lr: float = 1e-3                 # gates
+    backbone_lr: float = 0.0         # 0: everything but the gates is frozen
+    weight_decay: float = 0.05       # AdamW, as the DeiT recipe the authors fine-tune with
+    ratio_weight: float = 4.0
+    ratio_reduction: str = "sum"     # "mean": the authors' code
+    tau: float = 1.0                 # Gumbel-softmax temperature
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.ratio_reduction not in ("sum", "mean"):
+            raise ValueError(f"ratio_reduction must be 'sum' or 'mean', "
+                             f"got {self.ratio_reduction!r}")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    task_loss: float
+    ratio_loss: float
+    keep: list[float] = field(default_factory=list)  # mean keep bit per gated block (training)
+
+
+def gated_forward_train(backbone: ViT, emb: Embedded, gates: SViTGates, tau: float = 1.0
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The differentiable full-map forward: final tokens and the keep bits (B, N) per gate."""
+    x, p = emb.tokens, emb.prefix
+    keeps = []
+    for i, blk in enumerate(backbone.blocks):
+        gate = gates.gate(i)
+        if gate is None:
+            x, _ = blk(x, emb.grid, p)
+            continue
+        keep = F.gumbel_softmax(gate(x[:, p:]), tau=tau, hard=True)[..., 0]
+        keep_all = torch.cat([keep.new_ones(keep.shape[0], p), keep], dim=1) if p else keep
+        y, _, _ = blk.forward_qkv(x, emb.grid, p, key_mask=keep_all.detach() > 0.5)
+        w = keep_all.unsqueeze(-1)
+        x = w * y + (1 - w) * x
+        keeps.append(keep)
+    return x, keeps
+
+
+def _is_frame_recognizer(model: nn.Module) -> bool:
+    return hasattr(model, "forward_temporal")  # ViViT: spatial model per frame, then temporal
+
+
+def _embed(model: nn.Module, inputs: torch.Tensor) -> Embedded:
+    if _is_frame_recognizer(model):
+        b, c, t, h, w = inputs.shape
+        inputs = inputs.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    return model.backbone.embed(inputs)
+
+
+def _logits(model: nn.Module, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    if _is_frame_recognizer(model):
+        frames = model.frame_embedding(tokens).view(batch, -1, tokens.shape[-1])
+        return model.forward_temporal(frames)
+    return model.forward_head(tokens)
+
+
+def _features(backbone: ViT, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    return backbone.norm(tokens[:, prefix:])
+
+
+def ratio_loss(keeps: list[torch.Tensor], targets: list[float], reduction: str = "sum"
+               ) -> torch.Tensor:
+    """``sum`` (or ``mean``) over gated blocks of ``(mean(keep) - target)^2``; the mean runs
+    over the batch and its tokens together (the authors' default)."""
+    terms = torch.stack([(k.mean() - t) ** 2 for k, t in zip(keeps, targets)])
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
+def train_gates(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                config: GateTraining | None = None,
+                on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
+    """Fine-tune the SViT gates of ``model`` (attach them first, ``attach_gates``) on
+    ``batches`` for ``config.steps`` steps (fewer if the iterable ends). Returns the history;
+    ``on_step`` sees every record as it is made (progress display)."""
+    config = config or GateTraining()
+    backbone = model.backbone
+    gates = gates_of(backbone)
+    if gates is None:
+        raise ValueError("the model has no SViT gates; call attach_gates(model) first")
+    gate_params = list(gates.parameters())
+    gate_ids = {id(p) for p in gate_params}
+    rest = [p for p in model.parameters() if id(p) not in gate_ids]
+    train_rest = config.backbone_lr > 0
+    teacher = copy.deepcopy(model).eval() if train_rest else model
+    for p in rest:
+        p.requires_grad_(train_rest)
+    for p in gate_params:
+        p.requires_grad_(True)
+    groups = [{"params": gate_params, "lr": config.lr}]
+    if train_rest:
+        groups.append({"params": rest, "lr": config.backbone_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    # dropout stays off; the backbone is in training mode only when it trains (the
+    # learned position table is then recomputed with gradients)
+    model.eval()
+    backbone.train(train_rest)
+    history: list[StepRecord] = []
+    device = next(gates.parameters()).device
+    for step, (inputs, labels) in enumerate(batches, start=1):
+        if step > config.steps:
+            break
+        inputs = inputs.to(device)
+        emb = _embed(model, inputs)
+        tokens, keeps = gated_forward_train(backbone, emb, gates, config.tau)
+        if labels is not None and model.task in ("recognition", "classification"):
+            task = F.cross_entropy(_logits(model, tokens, inputs.shape[0]), labels.to(device))
+        else:
+            with torch.no_grad():
+                t_emb = _embed(teacher, inputs)
+                t_tokens, _ = teacher.backbone.forward_blocks(t_emb.tokens, t_emb.grid)
+                target = _features(teacher.backbone, t_tokens, t_emb.prefix)
+            task = F.mse_loss(_features(backbone, tokens, emb.prefix), target)
+        ratio = ratio_loss(keeps, gates.keep_ratios, config.ratio_reduction)
+        loss = task + config.ratio_weight * ratio
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"gate training diverged at step {step} (loss {loss})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        record = StepRecord(step, float(loss.detach()), float(task.detach()),
+                            float(ratio.detach()), [float(k.detach().mean()) for k in keeps])
+        history.append(record)
+        if on_step is not None:
+            on_step(record)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return history
+
+
+@dataclass
+class KeepMeasure:
+    """What the gates do at inference on some inputs, per gated block: the fraction of tokens
+    kept (hard decisions), and the mean keep probability (the expected fraction of the
+    training's Gumbel keep bits, which the keep-ratio loss drives to the target). The two
+    agree once the gates are confident; a gate unsure about every token (probability near
+    0.5) keeps all or nothing."""
+
+    fraction: list[float]
+    probability: list[float]
+
+
+@torch.no_grad()
+def measure_keep(model: nn.Module, inputs: torch.Tensor) -> KeepMeasure:
+    """Run the SViT inference path on ``inputs`` and report what each gate kept."""
+    model.eval()
+    emb = _embed(model, inputs)
+    state = SViTState()
+    SViT().forward(model.backbone, emb, state, None, None)
+    return KeepMeasure([float(v) for v in state.keep_fraction.mean(dim=0)],
+                       [float(v) for v in state.keep_probability.mean(dim=0)])

@@ -1,0 +1,179 @@
+"""Where bytes live: a URI and a job's ``storage`` options become an fsspec filesystem.
+
+Two kinds of location are supported: local paths (``/data/videos``, ``file:///data/videos``)
+and S3 or S3-compatible stores (``s3://bucket/prefix``, with ``endpoint_url`` for MinIO,
+Ceph, R2 ...). Credentials are never passed here: s3fs (botocore) reads them from the
+environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, instance
+roles), so a filesystem object carries no secret when it is pickled to a Ray worker.
+
+Writes of small files are atomic for readers: one PUT on an object store (an object appears
+whole or not at all), a temporary name then ``os.replace`` on a local disk.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+SCHEMES = ("file", "s3")
+
+
+class StorageError(OSError):
+    """A location could not be reached or read (not found, no permission, bad endpoint)."""
+
+
+def scheme_of(uri: str) -> str:
+    """``s3`` for ``s3://...``; ``file`` for a local path or ``file://`` URI."""
+    if "://" not in uri:
+        return "file"
+    return uri.split("://", 1)[0].lower()
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def filesystem(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               anon: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``uri`` and the path to pass to its methods."""
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if scheme == "s3":
+        import s3fs
+
+        client_kwargs: dict[str, Any] = {}
+        if endpoint_url:
+            client_kwargs["endpoint_url"] = endpoint_url
+        if region:
+            client_kwargs["region_name"] = region
+        # No listing cache: a job lists, writes and lists again (resume) and must see its
+        # own writes. skip_instance_cache: options differ between jobs in one process.
+        fs = s3fs.S3FileSystem(anon=anon, client_kwargs=client_kwargs,
+                               use_listings_cache=False, skip_instance_cache=True)
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    raise StorageError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
+
+
+def uri_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI a user would write for ``path`` on ``fs`` (local paths stay plain paths)."""
+    return path if is_local(fs) else f"s3://{path}"
+
+
+def identity(info: dict[str, Any]) -> str:
+    """What changes when an object's content changes: the ETag on object stores, size and
+    modification time on local disks."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that no reader ever sees a partial file."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+@dataclass
+class Location:
+    """A folder on a filesystem (a job's output), addressed by relative names."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str   # filesystem path, no trailing slash
+    uri: str    # as the user wrote it (for messages)
+
+    @classmethod
+    def open(cls, uri: str, endpoint_url: str | None = None, region: str | None = None,
+             anon: bool = False) -> "Location":
+        fs, root = filesystem(uri, endpoint_url, region, anon)
+        return cls(fs, root.rstrip("/") or "/", uri)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def uri_for(self, *parts: str) -> str:
+        return uri_of(self.fs, self.path(*parts))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        write_atomic(self.fs, self.path(name), data)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self.path(name) if name else self.root)
+
+    def entries(self) -> list[str]:
+        """Names directly under the root (empty when the root does not exist)."""
+        try:
+            listed = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in listed
+                      if p.rstrip("/") != self.root)
+
+    def files(self, folder: str) -> list[str]:
+        """Names of the files in ``folder`` (not recursive; empty when it does not exist)."""
+        try:
+            listed = self.fs.ls(self.path(folder), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in listed
+                      if e.get("type") == "file")
+
+    def remove(self, name: str) -> None:
+        """Remove a file or a folder (recursively); nothing if it does not exist."""
+        target = self.path(name)
+        try:
+            if self.fs.isdir(target):
+                self.fs.rm(target, recursive=True)
+            elif self.fs.exists(target):
+                self.fs.rm(target)
+        except FileNotFoundError:
+            pass
+
+    def remove_files(self, folder: str, names: list[str]) -> None:
+        if names:
+            paths = [self.path(folder, n) for n in names]
+            for start in range(0, len(paths), 1000):  # S3 DeleteObjects takes 1000 keys
+                self.fs.rm(paths[start:start + 1000])
+
+
+def parquet_bytes(table) -> bytes:
+    """A pyarrow table as the bytes of one Parquet file."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
+    """A pyarrow filesystem over ``fs`` (for reading folders of Parquet files)."""
+    import pyarrow.fs as pafs
+
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

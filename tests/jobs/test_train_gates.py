@@ -1,0 +1,99 @@
+"""``vidprune train-gates`` on real videos: a checkpoint and a zoo card that the registry
+loads and the svit method runs; user mistakes exit 2 with nothing written."""
+
+import json
+import shutil
+
+import pytest
+
+from jobs.cli import main
+
+TINY = ["--model", "videomae-s", "--option", "depth=4", "--option", "dim=32",
+        "--option", "heads=2", "--option", "input_size=64", "--option", "clip_frames=8",
+        "--option", "num_classes=3"]
+
+
+@pytest.fixture
+def videos(tmp_path, sample_videos):
+    """A short real clip, and a broken one the command must skip past."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("mma_part_0.mp4", "decord_corrupted.mp4"):
+        shutil.copy(sample_videos / name, folder / name)
+    return folder
+
+
+def test_trains_and_ships_a_zoo_entry(videos, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import models.registry as registry
+    from models import StreamRunner, build_method, build_model
+
+    out = tmp_path / "zoo" / "tiny-svit.safetensors"
+    out.parent.mkdir()
+    rc = main(["train-gates", *TINY, "--data", str(videos), "--out", str(out), "--steps", "3",
+               "--batch", "1", "--keep-ratios", "0.8,0.6,0.4"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "step 3/3" in err and "wrote" in err
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["arch"] == "videomae-s"
+    assert card["options"]["svit"] == {"dense_blocks": 1, "keep_ratios": [0.8, 0.6, 0.4]}
+    assert card["svit_training"]["steps"] == 3
+
+    monkeypatch.setattr(registry, "ZOO_DIR", out.parent)
+    model = build_model("tiny-svit")
+    assert model.backbone.svit_gates.keep_ratios == [0.8, 0.6, 0.4]
+    runner = StreamRunner(model, build_method("svit"))
+    state = runner.new_state(1)
+    frame = torch.randint(0, 255, (90, 120, 3), dtype=torch.uint8)
+    outs = [runner.step([frame], state)[0] for _ in range(8)]
+    assert len(outs[-1].clips) == 1 and outs[-1].gmacs_overhead > 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--data", "missing-folder"], "not a folder"),
+    (["--out", "{tmp}/weights.pth"], "must end in .safetensors"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--keep-ratios", "0.5"], "keep_ratios needs 3 values"),
+])
+def test_user_mistakes_exit_2_and_write_nothing(change, message, videos, tmp_path, capsys):
+    args = ["train-gates", *TINY, "--data", str(videos),
+            "--out", str(tmp_path / "out.safetensors"), "--steps", "1"]
+    for i in range(0, len(change), 2):
+        flag, value = change[i], change[i + 1].format(tmp=tmp_path)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob("weights*"))
+
+
+def test_undecodable_videos_are_dropped(videos, tmp_path, capsys):
+    import torch
+
+    from jobs.commands.train_gates import VideoClips
+    from jobs.errors import UserError
+
+    def crop(frame):
+        return torch.as_tensor(frame)[:8, :8].permute(2, 0, 1).float()
+
+    paths = sorted(videos.iterdir())
+    clips = VideoClips(paths, frames=8, stride=4, preprocess=crop, seed=0)
+    samples = [clips.sample() for _ in range(4)]
+    assert all(s.shape == (3, 8, 8, 8) for s in samples)
+    assert [p.name for p, _ in clips.readers] == ["mma_part_0.mp4"]
+    assert "dropping decord_corrupted.mp4" in capsys.readouterr().err
+    broken = VideoClips([videos / "decord_corrupted.mp4"], 8, 4, crop, seed=0)
+    with pytest.raises(UserError, match="could be decoded"):
+        broken.sample()
+    # through the command: exit 2, nothing written
+    (videos / "mma_part_0.mp4").unlink()
+    out = tmp_path / "out.safetensors"
+    assert main(["train-gates", *TINY, "--data", str(videos), "--out", str(out),
+                 "--steps", "1"]) == 2
+    assert not out.exists() and not out.with_suffix(".json").exists()

@@ -1,0 +1,108 @@
+"""A checkpoint is untrusted input: code in it never runs, and bad files get clear errors."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from models import build_model
+from models.checkpoints import CheckpointError, load_file
+
+
+class CreatesMarker:
+    """Unpickling this object calls ``open(marker, "w")``, creating the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def tiny_state():
+    model = build_model(arch="vit-ti", depth=1, dim=32, heads=2, input_size=32, num_classes=3)
+    return model.state_dict()
+
+
+def test_the_payload_is_real(tmp_path):
+    """Loaded without protection, the object does create the marker (so the tests below
+    would notice if it ran)."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(CreatesMarker(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pyth", ".pt"])
+def test_malicious_torch_checkpoint_is_refused(tmp_path, suffix):
+    marker = tmp_path / "ran"
+    path = tmp_path / f"evil{suffix}"
+    torch.save({"model": {**tiny_state(), "x": CreatesMarker(marker)}}, path)
+    with pytest.raises(CheckpointError, match="refused") as err:
+        build_model(arch="vit-ti", checkpoint=path, depth=1, dim=32, heads=2, input_size=32,
+                    num_classes=3)
+    assert ".open" in str(err.value)  # the global it wanted is named
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_malicious_plain_pickle_is_refused(tmp_path, protocol):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"model": CreatesMarker(marker)}, protocol=protocol))
+    refused = r"refused: unpickling it would need the global \w+\.open"
+    with pytest.raises(CheckpointError, match=refused):
+        load_file(path)
+    assert not marker.exists()
+
+
+def test_malicious_file_object_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save(CreatesMarker(marker), buf)
+    buf.seek(0)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_file(buf, name="upload.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl", ".pyth"])
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path, suffix):
+    buf = io.BytesIO()
+    torch.save({"model": tiny_state()}, buf)
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_file(path)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("garbage.pth", b"this is not a checkpoint at all"),
+    ("garbage.pkl", b"\x80\x04definitely not a pickle"),
+    ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"),
+    ("empty.pth", b""),
+])
+def test_garbage_files_give_clear_errors(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as err:
+        load_file(path)
+    assert name in str(err.value)
+    assert "refused" not in str(err.value)  # unreadable, not unsafe
+
+
+def test_unsupported_suffix_and_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="unsupported checkpoint format .onnx"):
+        load_file(tmp_path / "model.onnx")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_file(tmp_path / "absent.pth")
+
+
+def test_checkpoint_without_tensors_is_explained(tmp_path):
+    path = tmp_path / "meta.pth"
+    torch.save({"epoch": 3, "args": {"lr": 0.1}}, path)
+    with pytest.raises(CheckpointError, match="no tensor dict found.*top-level keys: args, epoch"):
+        build_model(arch="vit-ti", checkpoint=path, depth=1, dim=32, heads=2, input_size=32,
+                    num_classes=3)

@@ -1,0 +1,173 @@
+"""Several streams as one batch give what each stream gives alone; bf16 on CPU stays close to
+fp32; the CenterNet decoder reads a hand-made heatmap right; ViViT tubelets through the runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import StreamRunner, build_method, build_model
+from models.heads import CenterNetHead
+
+VITDET = dict(depth=2, dim=32, heads=2, input_size=96, window=4, global_blocks=(1,),
+              pretrain_grid=(4, 4), neck_channels=16, num_classes=3)
+
+
+def frames_of(seed: int, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+@pytest.fixture(scope="module")
+def vitdet():
+    torch.manual_seed(0)
+    return build_model(arch="vitdet-b", **VITDET)
+
+
+def test_backbone_batch_equals_each_stream_alone(vitdet):
+    x = torch.randn(3, 3, 96, 96)  # a 6x6 grid: windows of 4 need padding
+    bb = vitdet.backbone
+    with torch.no_grad():
+        e = bb.embed(x)
+        together, _ = bb.forward_blocks(e.tokens, e.grid)
+        for i in range(3):
+            ei = bb.embed(x[i:i + 1])
+            alone, _ = bb.forward_blocks(ei.tokens, ei.grid)
+            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_runner_batch_equals_each_stream_alone(vitdet):
+    sizes = [(60, 80), (80, 60), (64, 64)]
+    videos = [frames_of(step, sizes) for step in range(3)]   # videos[step][stream]
+    runner = StreamRunner(vitdet, build_method("none"), score_threshold=0.05)
+    state = runner.new_state(3)
+    batch = [runner.step(frames, state) for frames in videos[:2]]
+    state = runner.select(state, [2, 0])                    # stream 1 ends early
+    batch.append(runner.step([videos[2][2], videos[2][0]], state))
+    for stream in range(3):
+        alone_state = runner.new_state(1)
+        steps = 3 if stream != 1 else 2
+        for step in range(steps):
+            alone = runner.step([videos[step][stream]], alone_state)[0]
+            if step < 2:
+                got = batch[step][stream]
+            else:
+                got = batch[2][[2, 0].index(stream)]
+            assert len(got.detections) == len(alone.detections) > 0
+            torch.testing.assert_close(got.detections.boxes, alone.detections.boxes,
+                                       rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(got.detections.scores, alone.detections.scores,
+                                       rtol=1e-4, atol=1e-5)
+            assert got.gmacs_run == pytest.approx(alone.gmacs_run)
+            assert got.gmacs_head == pytest.approx(alone.gmacs_head)
+            assert got.gmacs_run == pytest.approx(got.gmacs_dense)  # dense method
+
+
+def test_clip_model_batch_equals_each_stream_alone():
+    torch.manual_seed(1)
+    model = build_model(arch="videomae-ti", depth=1, dim=32, heads=2, input_size=32,
+                        clip_frames=4, num_classes=5)
+    runner = StreamRunner(model, build_method("none"))
+    video = [frames_of(step, [(40, 50), (50, 40)]) for step in range(5)]
+    state = runner.new_state(2)
+    clips = [[], []]
+    for frames in video:
+        for i, out in enumerate(runner.step(frames, state)):
+            clips[i] += out.clips
+    for stream in range(2):
+        alone_state = runner.new_state(1)
+        alone = [c for frames in video for c in runner.step([frames[stream]], alone_state)[0].clips]
+        assert len(alone) == len(clips[stream]) == 1
+        torch.testing.assert_close(clips[stream][0].probs, alone[0].probs, rtol=1e-5, atol=1e-6)
+
+
+def test_centernet_decodes_a_hand_made_heatmap():
+    head = CenterNetHead(4, num_classes=2, level="p3", max_detections=10)  # stride 8
+    heat = torch.full((1, 2, 6, 6), -10.0)
+    heat[0, 1, 2, 3] = 2.0    # a peak of class 1 at row 2, column 3
+    heat[0, 1, 2, 4] = 1.0    # its weaker neighbour: suppressed, not a local maximum
+    heat[0, 0, 4, 1] = 0.0    # a peak of class 0, score 0.5
+    size = torch.zeros(1, 2, 6, 6)
+    offset = torch.zeros(1, 2, 6, 6)
+    size[0, :, 2, 3] = torch.tensor([3.0, 2.0])      # width, height in stride units
+    offset[0, :, 2, 3] = torch.tensor([0.5, 0.25])   # x, y
+    size[0, :, 4, 1] = torch.tensor([1.0, 1.0])
+    dets = head.decode({"heatmap": heat, "size": size, "offset": offset}, score_threshold=0.3)[0]
+    assert dets.labels.tolist() == [1, 0]
+    torch.testing.assert_close(dets.scores, torch.sigmoid(torch.tensor([2.0, 0.0])))
+    # centre ((3 + 0.5) * 8, (2 + 0.25) * 8) = (28, 18), size (24, 16)
+    torch.testing.assert_close(dets.boxes, torch.tensor([[16.0, 10.0, 40.0, 26.0],
+                                                         [4.0, 28.0, 12.0, 36.0]]))
+    assert len(head.decode({"heatmap": heat, "size": size, "offset": offset}, 0.6)[0]) == 1
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_bfloat16_on_cpu_stays_close_to_float32(vitdet):
+    frames = frames_of(5, [(96, 96), (70, 96)])
+    fp32 = StreamRunner(vitdet, build_method("none"), score_threshold=0.05)
+    bf16_model = build_model(arch="vitdet-b", **VITDET)
+    bf16_model.load_state_dict(vitdet.state_dict())
+    bf16 = StreamRunner(bf16_model, build_method("none"), dtype=torch.bfloat16,
+                        score_threshold=0.05)
+    outs = bf16.step(frames, bf16.new_state(2))
+    assert all(len(o.detections) > 0 for o in outs)
+    assert outs[0].detections.boxes.dtype == torch.float32
+    images = torch.stack([fp32.preprocess_detection(f)[0] for f in frames])
+    with torch.no_grad():
+        want = vitdet.backbone(images)
+        got = bf16_model.backbone(images.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got, want) < 0.05
+
+
+@pytest.mark.parametrize("arch, options, shape", [
+    ("videomae-ti", dict(clip_frames=4), (2, 3, 4, 32, 32)),
+    ("vivit-ti", dict(clip_frames=4, temporal_depth=1, tubelet=2), (2, 3, 4, 32, 32)),
+    ("vit-ti", {}, (2, 3, 32, 32)),
+])
+def test_recognizers_in_bfloat16_and_float64(arch, options, shape):
+    """Nothing in the model hard-codes float32: bf16 runs close, float64 agrees tightly."""
+    torch.manual_seed(2)
+    model = build_model(arch=arch, depth=1, dim=32, heads=2, input_size=32, num_classes=5,
+                        **options)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = model(x)
+        got64 = model.to(torch.float64)(x.double())
+        got16 = model.to(torch.bfloat16)(x.bfloat16())
+    assert got64.dtype == torch.float64 and got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got64.float(), want, rtol=1e-4, atol=1e-5)
+    assert relative_error(got16, want) < 0.05
+
+
+def test_vivit_tubelets_through_the_runner():
+    """A time step of the published ViViT is two frames: the runner collects them, and a clip
+    equals the model run on the whole clip."""
+    torch.manual_seed(3)
+    model = build_model(arch="vivit-ti", depth=1, dim=32, heads=2, input_size=32, num_classes=5,
+                        clip_frames=4, temporal_depth=1, tubelet=2)
+    runner = StreamRunner(model, build_method("none"))
+    video = [frames_of(step, [(32, 32), (32, 32)]) for step in range(5)]
+    state = runner.new_state(2)
+    outs = [runner.step(frames, state) for frames in video]
+    # the backbone runs on every second frame only
+    assert [o[0].gmacs_run > 0 for o in outs] == [False, True, False, True, False]
+    clip = outs[3][1].clips[0]
+    assert (clip.first_step, clip.last_step) == (0, 3)
+    pre = torch.stack([runner.preprocess_recognition(video[s][1]) for s in range(4)], dim=1)
+    with torch.no_grad():
+        want = model(pre[None]).softmax(-1)[0]
+    torch.testing.assert_close(clip.probs, want, rtol=1e-4, atol=1e-6)
+    # a stream of a single frame still gets one clip at the end (its frame repeated)
+    short = runner.new_state(1)
+    runner.step([video[0][0]], short)
+    ended = runner.finish(short)[0]
+    assert len(ended.clips) == 1 and ended.clips[0].padded and ended.gmacs_run > 0
+    pre = torch.stack([runner.preprocess_recognition(video[0][0])] * 4, dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(ended.clips[0].probs, model(pre[None]).softmax(-1)[0],
+                                   rtol=1e-4, atol=1e-6)

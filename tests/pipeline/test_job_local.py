@@ -1,0 +1,189 @@
+"""The main job end to end on a local folder, through the CLI, on the shared local Ray:
+the sample clips (the corrupted one among them), a video split into many segments, and
+every output mode."""
+
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.cli import main
+from operators.decode import sampled_indices, sampling_ratio
+from pipeline.schemas import DETECTIONS, MANIFEST, SEGMENTS, VIDEOS
+
+# Frame counts as decord reports them (jobs/samples/videos/README.md).
+SAMPLE_FRAMES = {"decord_flipping_a_pancake.mkv": 310, "mma_test.mp4": 300, "mma_test.avi": 164,
+                 "mma_part_0.mp4": 32, "mma_demo_spatiotemporal_det.mp4": 57,
+                 "decord_video_90.mov": 3, "decord_unordered.mov": 4,
+                 "decord_corrupted.mp4": 50}
+
+
+def model_override(model: dict) -> str:
+    return "model=" + json.dumps({**model, "score_threshold": 0.0})
+
+
+def read(path):
+    return pq.read_table(path)
+
+
+def name(uri: str) -> str:
+    return uri.rsplit("/", 1)[1]
+
+
+def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--set", model_override(tiny_detector),
+                 "--set", "pruning.method=none", "--set", "decode.fps=5"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "ok 7 · partial 1 · error 0" in captured.out, captured.out
+    assert f"{out}/videos/videos.parquet" in captured.out
+
+    videos = read(out / "videos" / "videos.parquet")
+    assert videos.schema == VIDEOS
+    rows = {name(v["uri"]): v for v in videos.to_pylist()}
+    assert {k: v["frames_total"] for k, v in rows.items()} == SAMPLE_FRAMES
+    broken = rows.pop("decord_corrupted.mp4")
+    # Frames 0, 2, ... 26 decode (10 fps sampled at 5), then the stream breaks at frame 28.
+    assert broken["status"] == "partial" and broken["frames_decoded"] == 14, broken
+    assert broken["error"].startswith("decoding failed at frame 28"), broken
+    for v in rows.values():
+        assert v["status"] == "ok" and v["error"] is None, v
+        assert v["frames_decoded"] == v["frames_expected"] > 0
+        assert v["gmacs_dense"] > 0 and v["gmacs_run"] == pytest.approx(v["gmacs_dense"])
+        assert v["savings"] == pytest.approx(0.0, abs=1e-9)
+        assert v["method"] == "none" and json.loads(v["params"]) == {}
+        assert v["model"] == "vitdet-ti@tiny-det.safetensors" and v["device"] == "cpu"
+
+    # With score_threshold 0 every sampled frame has detections: the annotations show
+    # exactly the frames the job sampled, in each video's own frame numbering.
+    ann = read(out / "annotations")
+    assert ann.schema == DETECTIONS
+    frames = ann.to_pandas().groupby("uri")["frame_index"].apply(lambda s: sorted(set(s)))
+    for uri, got in frames.items():
+        v = next(r for r in videos.to_pylist() if r["uri"] == uri)
+        expected = sampled_indices(0, v["frames_total"], sampling_ratio(v["fps"], 5.0))
+        if name(uri) == "decord_corrupted.mp4":
+            expected = [i for i in expected if i < 28]
+        assert got == expected, uri
+    assert len(frames) == 8
+
+    manifest = read(out / "manifest" / "manifest.parquet")
+    assert manifest.schema == MANIFEST and manifest.num_rows == 8
+    segments = read(out / "segments")
+    assert segments.schema == SEGMENTS
+    # One actor, one segment per call: segments started in manifest order (most work first).
+    started = segments.to_pandas().set_index("segment_id")["started_at"]
+    order = [started[s] for s in manifest.column("segment_id").to_pylist()]
+    assert order == sorted(order), segments.to_pandas()[["uri", "started_at"]]
+
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "finished" and job["segments"]["run"] == 8
+    assert job["spec"]["output"]["uri"] == str(out) and job["versions"]["ray"]
+    assert job["totals"]["videos_partial"] == 1
+
+
+def write_spec(path, **sections):
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+def test_segments_resume_overwrite_and_error_modes(ray_session, tiny_detector, video_factory,
+                                                   tmp_path, capsys):
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    video_factory(videos / "long.mp4", 95)
+    video_factory(videos / "short.mp4", 7)
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(videos)},
+                      model={**tiny_detector, "score_threshold": 0.0},
+                      pruning={"method": "none"}, decode={"segment_frames": 16},
+                      resources={"actors": 2, "streams_per_actor": 2},
+                      output={"uri": str(out)})
+
+    assert main(["run", spec]) == 0, capsys.readouterr().err
+    ann = read(out / "annotations").to_pandas()
+    long = ann[ann["uri"].str.endswith("long.mp4")]
+    # Six segments, every frame exactly once: each frame comes from one segment only.
+    assert sorted(set(long["frame_index"])) == list(range(95))
+    assert long.groupby("frame_index")["segment_id"].nunique().max() == 1
+    assert long["segment_id"].nunique() == 6
+    assert (long.groupby("frame_index").size() == long.groupby("frame_index").size().iloc[0]).all()
+    rows = {name(v["uri"]): v for v in read(out / "videos" / "videos.parquet").to_pylist()}
+    assert rows["long.mp4"]["segments"] == 6 and rows["long.mp4"]["frames_decoded"] == 95
+    assert rows["long.mp4"]["status"] == "ok" and rows["short.mp4"]["frames_decoded"] == 7
+    first_job = json.loads((out / "job.json").read_text())["job_id"]
+
+    # error: a non-empty output is refused, nothing is touched.
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["run", spec, "--set", "output.mode=error"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+    # A different spec cannot resume into this output.
+    assert main(["run", spec, "--set", "model.score_threshold=0.5"]) == 2
+    assert "differs in: model.score_threshold" in capsys.readouterr().err
+
+    # resume after a crash: one segment lost its marker (its annotations stayed behind), a
+    # video was added and one removed. Only the missing work runs; nothing is duplicated.
+    segs = read(out / "segments").to_pandas()
+    lost = segs[(segs["uri"].str.endswith("long.mp4")) & (segs["segment_index"] == 3)]
+    lost_id = lost["segment_id"].iloc[0]
+    os.unlink(out / "segments" / f"{lost_id}.parquet")
+    video_factory(videos / "new.mp4", 20)
+    os.unlink(videos / "short.mp4")
+    capsys.readouterr()
+    assert main(["run", spec]) == 0
+    assert "(1 known from the earlier run)" in capsys.readouterr().err  # long.mp4: not reopened
+    job = json.loads((out / "job.json").read_text())
+    assert job["segments"] == {"total": 8, "skipped": 5, "run": 3, "unreadable_videos": 0}
+    assert job["previous_runs"][0]["job_id"] == first_job
+    segs = read(out / "segments").to_pandas()
+    rerun = set(segs[segs["job_id"] == job["job_id"]]["segment_id"])
+    new_ids = set(segs[segs["uri"].str.endswith("new.mp4")]["segment_id"])
+    assert rerun == new_ids | {lost_id} and len(new_ids) == 2
+    ann = read(out / "annotations").to_pandas()
+    assert not ann["uri"].str.endswith("short.mp4").any()  # its files went with it
+    assert not ann.duplicated(["segment_id", "frame_index", "label_id", "x0", "y0"]).any()
+    long = ann[ann["uri"].str.endswith("long.mp4")]
+    assert sorted(set(long["frame_index"])) == list(range(95))
+    assert long.groupby("frame_index")["segment_id"].nunique().max() == 1
+    videos_table = read(out / "videos" / "videos.parquet").to_pylist()
+    assert sorted(name(v["uri"]) for v in videos_table) == ["long.mp4", "new.mp4"]
+
+    # overwrite: everything runs again under the new job id.
+    (out / "report").mkdir()
+    assert main(["run", spec, "--set", "output.mode=overwrite"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["segments"]["run"] == 8 and job["previous_runs"] == []
+    assert set(read(out / "segments").to_pandas()["job_id"]) == {job["job_id"]}
+    assert not (out / "report").exists()
+
+
+def test_outputs_that_are_not_vidprune_outputs_are_never_touched(tmp_path, tiny_detector,
+                                                                 capsys, sample_videos):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep me")
+    for mode in ("resume", "overwrite"):
+        spec = write_spec(tmp_path / f"{mode}.yaml", input={"uri": str(sample_videos)},
+                          model=tiny_detector, pruning={"method": "none"},
+                          output={"uri": str(out), "mode": mode})
+        assert main(["run", spec]) == 2
+        assert "does not look like a vidprune output" in capsys.readouterr().err
+    assert os.listdir(out) == ["thesis.tex"]
+
+
+def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
+                      model=tiny_detector, pruning={"method": "none"}, output={"uri": str(out)})
+    assert main(["run", spec, "--dry-run"]) == 0
+    assert "8 video(s)" in capsys.readouterr().out and not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["run", spec, "--dry-run", "--set", f"input.uri={empty}"]) == 2
+    assert "input.patterns: no videos" in capsys.readouterr().err
+    shutil.rmtree(empty)
