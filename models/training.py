@@ -307,6 +307,9 @@ def save_zoo_entry(model: nn.Module, path_stem: str | Path, card: dict[str, Any]
     weights = stem.with_suffix(".safetensors")
     tmp = weights.with_name(weights.name + ".part")
     save_file(state, str(tmp), metadata={"arch": model.arch.name})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its file readable by the owner only
     os.replace(tmp, weights)
     options = {k: (list(v) if isinstance(v, tuple) else v)
                for k, v in model.build_options.items()}

@@ -15,6 +15,7 @@ import sys
 import time
 
 from ..errors import UserError
+from ..options import parse_key_values
 
 #: The zoo recipes: what ``--task`` trains unless options say otherwise.
 RECIPES = {
@@ -62,21 +63,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_options(items: list[str]) -> dict:
-    import json
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -95,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[args.task]
     name = args.name or recipe["name"]
     arch = args.arch or recipe["arch"]
-    options = {**recipe["options"], **_parse_options(args.option)} if not args.arch \
-        else _parse_options(args.option)
+    options = {**recipe["options"], **parse_key_values(args.option)} if not args.arch \
+        else parse_key_values(args.option)
     steps = args.steps or recipe["steps"]
     batch = args.batch or recipe["batch"]
     lr = args.lr or recipe["lr"]
