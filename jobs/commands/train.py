@@ -226,8 +226,11 @@ def card_markdown(name: str, card: dict, weights_bytes: int) -> str:
     lines = [
         f"# {name}",
         "",
-        f"A {card['task']} model trained from scratch on vidprune's generated benchmark "
-        f"(`pipeline/synthetic.py`); one of the zoo models jobs use by default.",
+        f"A {card['task']} model trained on vidprune's generated benchmark "
+        f"(`pipeline/synthetic.py`), "
+        + (f"its backbone started from `{mc['initialised_from']}` (inflated)"
+           if mc.get("initialised_from") else "from scratch")
+        + "; one of the zoo models jobs use by default.",
         "",
         f"- architecture: `{card['arch']}` with {options}",
         f"- parameters: {mc['parameters']:,}; weights: {mc['weights_dtype']} safetensors, "
