@@ -66,21 +66,19 @@ def detection_videos(root: str | Path, split: str, limit: int | None = None
     """The videos of a detection split with their per-frame ground truth (not decoded)."""
     d = split_dir(root, split)
     videos = pq.read_table(d / "videos.parquet").to_pylist()[:limit]
-    table = pq.read_table(d / "labels.parquet").to_pandas() if videos else None
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for r in pq.read_table(d / "labels.parquet").to_pylist() if videos else []:
+        rows.setdefault((r["video"], r["frame"]), []).append(r)
     out = []
     for v in videos:
-        rows = table[table["video"] == v["video"]]
         per_frame = []
-        by_frame = {f: g for f, g in rows.groupby("frame")}
         for t in range(v["frames"]):
-            g = by_frame.get(t)
-            if g is None:
-                per_frame.append(FrameLabels(np.zeros((0, 4), np.float32),
-                                             np.zeros(0, np.int64), np.zeros(0, bool)))
-            else:
-                per_frame.append(FrameLabels(
-                    g[["x0", "y0", "x1", "y1"]].to_numpy(np.float32),
-                    g["class_id"].to_numpy(np.int64), g["difficult"].to_numpy(bool)))
+            objs = rows.get((v["video"], t), [])
+            per_frame.append(FrameLabels(
+                np.array([[o["x0"], o["y0"], o["x1"], o["y1"]] for o in objs],
+                         np.float32).reshape(-1, 4),
+                np.array([o["class_id"] for o in objs], np.int64),
+                np.array([o["difficult"] for o in objs], bool)))
         out.append(DetectionVideo(d / v["video"], int(v["frames"]), per_frame))
     return out
 
