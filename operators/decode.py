@@ -35,7 +35,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -154,7 +154,7 @@ def diagnose(fs: Any, uri: str, listed_size: int | None = None) -> str | None:
     if kind:
         return f"not a video: {kind}{changed}"
     if len(head) >= 8 and head[4:8] in _ISO_CONTAINERS:
-        problem = _mp4_problem(fs, path, size)
+        problem = mp4_problem(lambda start, end: fs.cat_file(path, start=start, end=end), size)
         if problem:
             return problem + changed
     return changed[2:] or None
@@ -194,12 +194,15 @@ def _boxes(data: bytes, start: int, end: int):
         i += size
 
 
-def _mp4_problem(fs: Any, path: str, size: int) -> str | None:
-    """Walk the top-level boxes of an MP4/MOV (a few small reads), then its ``moov``."""
+def mp4_problem(read: Callable[[int, int], bytes], size: int, tracks: bool = True
+                ) -> str | None:
+    """What is wrong with an MP4/MOV of ``size`` bytes, read with ``read(start, end)``:
+    its top-level boxes walked (a few small reads), then (``tracks``) its ``moov``'s
+    tracks. None: nothing."""
     offset, moov, seen = 0, None, 0
     while offset + 8 <= size and seen < 10_000:
         seen += 1
-        header = fs.cat_file(path, start=offset, end=min(size, offset + 16))
+        header = read(offset, min(size, offset + 16))
         box_size = int.from_bytes(header[:4], "big")
         kind = header[4:8]
         if box_size == 1 and len(header) >= 16:
@@ -219,9 +222,9 @@ def _mp4_problem(fs: Any, path: str, size: int) -> str | None:
         return ("a truncated or unfinished MP4: it has no 'moov' box, the index a player needs "
                 "(it is written last, so a recording that was not stopped cleanly or a file "
                 "cut short lacks it)")
-    if moov[1] > 64 << 20:
+    if not tracks or moov[1] > 64 << 20:
         return None
-    data = fs.cat_file(path, start=moov[0], end=moov[0] + moov[1])
+    data = read(moov[0], moov[0] + moov[1])
     tracks = []
     for kind, start, end in _boxes(data, 8, len(data)):
         if kind == b"trak":
@@ -366,9 +369,35 @@ def _rgb(frame: Any) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
-def probe_target(target: str) -> dict[str, Any]:
+def probe_target(target: str, size_bytes: int | None = None) -> dict[str, Any]:
     """Frames, frame rate, duration and frame size (as displayed) of a local path or URL
-    (runs in the decoder child)."""
+    (runs in the decoder child): from an MP4/MOV header when it can be trusted
+    (``operators/headers.py``, a few reads), else by reading every packet."""
+    header = _header_probe(target, size_bytes)
+    if header is not None:
+        return header
+    return _full_probe(target)
+
+
+def _header_probe(target: str, size_bytes: int | None) -> dict[str, Any] | None:
+    from .headers import _EXTENSIONS, RangeFile, header_probe_source, http_ranges
+
+    if not target.lower().endswith(_EXTENSIONS):
+        return None
+    try:
+        if target.startswith("http://"):
+            if size_bytes is None:
+                return None
+            return header_probe_source(RangeFile(None, target, size_bytes,
+                                                 fetch=http_ranges(target)), size_bytes)
+        import os
+
+        return header_probe_source(target, os.path.getsize(target))
+    except Exception:  # the full probe says why, in its own words
+        return None
+
+
+def _full_probe(target: str) -> dict[str, Any]:
     import av
 
     container, stream = _open(target)
@@ -516,12 +545,16 @@ class _Target:
         from fsspec.implementations.local import LocalFileSystem
 
         self.url: str | None = None
+        self.size = size_bytes
         if isinstance(fs, LocalFileSystem):
             self.value = _fs_path(fs, uri)
         else:
             from .proxy import shared_proxy
 
-            self.url = self.value = shared_proxy().register(fs, _fs_path(fs, uri), size_bytes)
+            path = _fs_path(fs, uri)
+            if self.size is None:
+                self.size = int(fs.info(path)["size"])
+            self.url = self.value = shared_proxy().register(fs, path, self.size)
 
     def failure(self) -> BaseException | None:
         """The store's error, when reading the object through the proxy failed."""
@@ -557,7 +590,7 @@ def probe(fs: Any, uri: str, size_bytes: int | None = None,
             pool = shared_pool()
             proc = pool.take()
             try:
-                proc.send(("probe", target.value))
+                proc.send(("probe", target.value, target.size))
                 reply = proc.receive(timeout_s)
             except DecoderFailed as exc:
                 proc.kill()

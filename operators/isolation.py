@@ -5,7 +5,7 @@ decoder abort (decord 0.6 throws ``std::bad_alloc`` and dies with SIGABRT on an 
 header claims billions of frames), spin, or block on a read that never returns. So decoding
 runs in a small child process (numpy and PyAV only) that the parent talks to over a socket:
 
-- ``("probe", target)`` -> ``("ok", info)`` or ``("error", message)``;
+- ``("probe", target, size)`` -> ``("ok", info)`` or ``("error", message)``;
 - ``("decode", target, indices, options)`` -> ``("shape", h, w)``; the parent answers
   ``("ring", path, slots, slot_bytes)``; then ``("frame", index, timestamp_s, slot)`` per
   frame and finally ``("end", error_or_None)``.
@@ -358,7 +358,7 @@ def child_main(argv: list[str] | None = None) -> None:
         if kind == "probe":
             _trim_stderr()
             try:
-                conn.send(("ok", decode.probe_target(msg[1])))
+                conn.send(("ok", decode.probe_target(msg[1], msg[2] if len(msg) > 2 else None)))
             except Exception as exc:
                 conn.send(("error", decode.exc_message(exc)))
         elif kind == "decode":

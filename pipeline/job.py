@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .graph import Resources, run_segments
-from .listing import VideoObject, list_videos, probe_videos
+from .listing import VideoObject, list_videos, probe_videos, probe_videos_on_cluster
 from .lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
 from .manifest import build_manifest, fingerprint
 from .outputs import (ANNOTATIONS, JOB_FILE, KNOWN_ENTRIES, MANIFEST_FILE, SEGMENTS_DIR,
@@ -290,8 +290,8 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for dist in ("vidprune", "torch", "ray", "decord", "pyarrow", "fsspec", "s3fs", "pydantic",
-                 "numpy"):
+    for dist in ("vidprune", "torch", "ray", "av", "decord", "pyarrow", "fsspec", "s3fs",
+                 "pydantic", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -411,8 +411,7 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     log(f"{spec.name}: probing {len(plan.videos)} video(s) under {spec.input.uri}"
         + (f" ({sum((v.uri, v.identity) in known for v in plan.videos)} known from the "
            "earlier run)" if known else ""))
-    probes = probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known,
-                          timeout_s=spec.decode.timeout_s)
+    probes = _probe(plan, known, log)
     manifest = build_manifest(probes, spec.decode.segment_frames, plan.fingerprint,
                               fps=spec.decode.fps,
                               frame_stride=spec.decode.frame_stride
@@ -437,17 +436,22 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
         "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride,
                    "timeout_s": spec.decode.timeout_s, "retries": spec.decode.retries},
         "input_fs": plan.input_fs, "writer": SegmentWriter(out, plan.task),
-        "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint},
+        "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint, "name": spec.name},
         "checkpoint_fs": plan.checkpoint_fs,
     }
     r = spec.resources
     actors, memory_bytes = _actor_memory(plan, manifest, log)
+    from operators.metrics import JobMetrics
+
+    metrics = JobMetrics(spec.name, plan.model_label, plan.method)
     try:
         for row in run_segments(pending, actor_kwargs, Resources(
                 actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor,
                 memory_bytes)):
             processed.append(row["segment_id"])
+            done = progress.done
             progress.update(row)
+            metrics.videos_done(progress.done - done)
             lock.ensure()
     except BaseException as exc:  # recorded in job.json, then raised again below
         error = exc
@@ -543,5 +547,24 @@ def _remove_stale(out: Location, ids: set[str]) -> None:
         out.remove_files(folder, stale)
 
 
+CLUSTER_PROBE_MIN_VIDEOS = 32
+
+
 def _probe_workers() -> int:
     return min(16, (os.cpu_count() or 2) * 2)
+
+
+def _probe(plan: Plan, known: dict[tuple[str, str], dict[str, Any]], log: Log
+           ) -> list[dict[str, Any]]:
+    """Probe on the driver, or spread over the nodes of a multi-node cluster."""
+    from . import cluster
+
+    nodes = cluster.alive_nodes()
+    unknown = sum((v.uri, v.identity) not in known for v in plan.videos)
+    # A task costs a worker process start; for a handful of videos the driver is quicker.
+    if nodes > 1 and unknown >= CLUSTER_PROBE_MIN_VIDEOS:
+        log(f"{plan.spec.name}: probing {unknown} video(s) in Ray tasks across {nodes} nodes")
+        return probe_videos_on_cluster(plan.input_fs, plan.videos, nodes, known=known,
+                                       timeout_s=plan.spec.decode.timeout_s)
+    return probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known,
+                        timeout_s=plan.spec.decode.timeout_s)

@@ -1,13 +1,24 @@
-"""Finding the videos of a job and probing them (on the driver, in a thread pool).
+"""Finding the videos of a job and probing them (in a thread pool, or spread over a Ray
+cluster's nodes).
 
-A probe opens a video with decord exactly as the annotator will (local path, or the loopback
-range proxy for object stores) and records what segmentation needs: frames, frame rate,
-duration and frame size. A probe that fails is not fatal: the video becomes an error row.
+A probe records what segmentation needs: frames, frame rate, duration and frame size. It
+runs in a decoder child process (``operators/decode.py``: a file that crashes or hangs FFmpeg
+costs the child, never the driver). For MP4/MOV files it reads the container header
+(``operators/headers.py``: a few reads instead of the whole file); for other containers (and
+headers that cannot be trusted) it opens the video as the annotator will, which reads the
+whole file. A probe that fails is not fatal: the video becomes an error row. Inputs that
+cannot be videos (a folder named like one, a named pipe, an ambiguous S3 key) are rows with
+their problem from the listing on.
+
+On a cluster, :func:`probe_videos_on_cluster` spreads the probes over the nodes in Ray
+tasks, so the reads (whole files for full probes) are not all funnelled through the
+driver's network link.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -125,3 +136,34 @@ def probe_videos(fs: Any, videos: list[VideoObject], workers: int = 8,
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, videos))
+
+
+def _probe_batch(fs: Any, videos: list[VideoObject], timeout_s: float | None
+                 ) -> list[dict[str, Any]]:
+    return probe_videos(fs, videos, workers=8, timeout_s=timeout_s)
+
+
+def probe_videos_on_cluster(fs: Any, videos: list[VideoObject], nodes: int,
+                            known: dict[tuple[str, str], dict[str, Any]] | None = None,
+                            timeout_s: float | None = None) -> list[dict[str, Any]]:
+    """:func:`probe_videos`, with the videos not in ``known`` probed by Ray tasks spread
+    over the cluster (about two tasks per node, at least 8 videos each, each probing its
+    share in a thread pool). Results are in the order of ``videos``."""
+    import ray
+
+    known = known or {}
+    todo = [v for v in videos if (v.uri, v.identity) not in known]
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    if todo:
+        size = max(8, min(256, math.ceil(len(todo) / (2 * max(1, nodes)))))
+        task = ray.remote(_probe_batch).options(num_cpus=1, scheduling_strategy="SPREAD",
+                                                max_retries=3)
+        refs = [task.remote(fs, todo[i:i + size], timeout_s)
+                for i in range(0, len(todo), size)]
+        for rows in ray.get(refs):
+            for row in rows:
+                results[(row["uri"], row["identity"])] = row
+    rest = [v for v in videos if (v.uri, v.identity) in known]
+    for row in probe_videos(fs, rest, known=known):
+        results[(row["uri"], row["identity"])] = row
+    return [results[(v.uri, v.identity)] for v in videos]
