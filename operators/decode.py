@@ -574,7 +574,7 @@ class _Target:
 
 def probe(fs: Any, uri: str, size_bytes: int | None = None,
           timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1) -> dict[str, Any]:
-    """Frames, frame rate, duration and frame size of a video, as decord sees it, probed in
+    """Frames, frame rate, duration and frame size of a video (``probe_target``), probed in
     a decoder child. Raises :class:`VideoError` with a readable message when the video
     cannot be opened (what the file is, see :func:`diagnose`), when the decoder crashes or
     hangs on it (``retries`` + 1 attempts), or when the store fails."""
@@ -689,8 +689,10 @@ class SegmentDecoder:
                 self._failed(exc)
             except OSError as exc:  # the store (registering the object), the ring, a fork
                 self.close()
-                self.error = self._public(f"decoding failed at frame "
-                                          f"{self.indices[self._next]}: {storage_failure(exc)}")
+                if self._next < len(self.indices):
+                    self.error = self._public(f"decoding failed at frame "
+                                              f"{self.indices[self._next]}: "
+                                              f"{storage_failure(exc)}")
         return None
 
     def _start(self) -> None:
@@ -735,6 +737,8 @@ class SegmentDecoder:
             self._proc.kill()
             self._proc = None
         self._drop_ring()
+        if self._next >= len(self.indices):
+            return  # it died after its last frame: nothing is missing
         at = self.indices[self._next]
         if self.restarts >= self.retries:
             attempts = self.restarts + 1
@@ -752,12 +756,10 @@ class SegmentDecoder:
         what went wrong underneath when that can be told: a failed read from the store, or
         what :func:`diagnose` finds (the file gone, truncated ...)."""
         head, _, detail = text.partition(": ")
-        store = self._target.failure() if self._target else None
-        if not explain:
-            pass
-        elif store is not None:
+        store = self._target.failure() if self._target and explain else None
+        if store is not None:
             text = f"{head}: {storage_failure(store)}"
-        else:
+        elif explain:
             try:
                 what = diagnose(self.fs, self.uri, self.size_bytes)
             except Exception:  # a courtesy: the decoder's message stands

@@ -305,10 +305,12 @@ class FrameRing:
         return out
 
     def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = ""
 
     def close(self) -> None:
         self.unlink()

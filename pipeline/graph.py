@@ -27,49 +27,7 @@ class Resources:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     streams_per_actor: int = 1
-    memory_bytes: int | None = None  # Ray's memory= for each actor (see actor_memory_bytes)
-
-
-# What an annotator actor holds, measured with ``vidprune bench-memory`` (docs/MEMORY.md).
-#: The actor process before its model: Python, torch, pyarrow, s3fs, Ray's worker, vidprune.
-ACTOR_RUNTIME_BYTES = 600 << 20
-#: A decoder child before frames: Python, numpy, PyAV and FFmpeg.
-DECODER_BYTES = 64 << 20
-#: Frame-sized buffers per stream at the video's resolution: ~8 in the decoder child
-#: (FFmpeg's reference frames, the RGB conversion), 4 ring slots, ~31 in the actor (the frame,
-#: and its float copies at full resolution while it is resized).
-FRAME_BUFFERS = 44
-#: Weights are held twice while a checkpoint loads (the file's tensors and the model's).
-WEIGHT_COPIES = 2
-#: Model memory per stream, in float32 values: (a, b, which) = a x tokens through the blocks
-#: x width, plus b x attention matrices (tokens^2 x heads) of the ``global`` blocks summed (a
-#: method that keeps them between frames) or of the ``largest`` block (one at a time).
-#: Fitted to vitdet-b at 512 and 1024 px; methods not measured get eventful's (the largest).
-STREAM_STATE = {"none": (2.0, 1.0, "largest"), "eventful": (16.0, 2.3, "global")}
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """What an actor's memory depends on, from the model as built on the driver."""
-
-    weights_bytes: int = 0
-    token_channels: float = 0.0      # tokens through the blocks in a dense step x width
-    attention_global: float = 0.0    # sum of tokens^2 x heads over global-attention blocks
-    attention_largest: float = 0.0   # the largest block's attention matrices
-
-
-def stream_model_bytes(size: ModelSize, method: str) -> float:
-    a, b, which = STREAM_STATE.get(method, STREAM_STATE["eventful"])
-    attention = size.attention_global if which == "global" else size.attention_largest
-    return 4.0 * (a * size.token_channels + b * attention)
-
-
-def actor_memory_bytes(size: ModelSize, method: str, frame_bytes: int, streams: int) -> int:
-    """Memory one annotator actor needs, its decoder children included (Ray's ``memory=``
-    for the actor). ``frame_bytes``: the largest RGB frame of the job's videos."""
-    per_stream = (stream_model_bytes(size, method) + DECODER_BYTES
-                  + FRAME_BUFFERS * frame_bytes)
-    return int(ACTOR_RUNTIME_BYTES + WEIGHT_COPIES * size.weights_bytes + streams * per_stream)
+    memory_bytes: int | None = None  # Ray's memory= for each actor (pipeline/memory.py)
 
 
 def segment_dataset(pending: pa.Table, streams_per_actor: int):

@@ -81,7 +81,7 @@ class Plan:
     output: Location
     videos: list[VideoObject]
     previous: dict[str, Any] | None  # the output's job.json (resume)
-    model_size: Any = None           # graph.ModelSize: what the actors' memory depends on
+    model_size: Any = None           # memory.ModelSize: what the actors' memory depends on
 
 
 @dataclass
@@ -180,29 +180,10 @@ def _check_model(spec: Any):
                          f"{type(exc).__name__}: {_storage_message(exc)}", "model") from None
     params = runner.method.describe()
     model["clip_frames"] = getattr(runner.model, "clip_frames", None) or model.get("clip_frames")
+    from .memory import model_size
+
     return (model, checkpoint_fs, spec.pruning.method, params, checkpoint_id,
-            _model_size(runner))
-
-
-def _model_size(runner: Any):
-    """What the actors' memory depends on (``graph.actor_memory_bytes``)."""
-    from .graph import ModelSize
-
-    net = runner.model
-    weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
-    try:
-        ledger = runner.dense_ledger("clip" if runner.kind == "clip" else "frame")
-        blocks = list(net.backbone.blocks)
-        tokens = float(ledger.tokens.sum()) / max(1, len(blocks))  # per block
-        per_block = []
-        for block in blocks:
-            window = int(getattr(block, "window", 0) or 0)
-            reach = min(tokens, window * window) if window else tokens
-            per_block.append((not window, tokens * reach * block.attn.num_heads))
-        return ModelSize(int(weights), tokens * len(blocks) * float(net.backbone.dim),
-                         sum(a for g, a in per_block if g), max(a for _, a in per_block))
-    except Exception:  # a model without a ViT backbone: the weights alone
-        return ModelSize(int(weights))
+            model_size(runner))
 
 
 def _zoo_identity(name: str) -> str:
@@ -440,7 +421,10 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
         "checkpoint_fs": plan.checkpoint_fs,
     }
     r = spec.resources
-    actors, memory_bytes = _actor_memory(plan, manifest, log)
+    from .memory import actor_resources
+
+    actors, memory_bytes = actor_resources(spec.name, r, plan.model_size, plan.method,
+                                           manifest, log)
     from operators.metrics import JobMetrics
 
     metrics = JobMetrics(spec.name, plan.model_label, plan.method)
@@ -484,41 +468,6 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
                      len(processed), wall_s, format_summary(t, wall_s, spec.output.uri,
                                                             problems),
                      videos, processed)
-
-
-def _actor_memory(plan: Plan, manifest: pa.Table, log: Log) -> tuple[int, int | None]:
-    """(actors, Ray ``memory=`` per actor): ``resources.memory_per_actor_gib``, or the
-    estimate for this model and the largest frame of the job's videos (docs/MEMORY.md),
-    kept within what the cluster's nodes offer so that the actors can be scheduled."""
-    from . import cluster
-    from .graph import ModelSize, actor_memory_bytes
-
-    r = plan.spec.resources
-    if r.memory_per_actor_gib:
-        memory = int(r.memory_per_actor_gib * 2 ** 30)
-    else:
-        sizes = [w * h * 3 for w, h, e in zip(manifest.column("width").to_pylist(),
-                                               manifest.column("height").to_pylist(),
-                                               manifest.column("probe_error").to_pylist())
-                 if e is None]
-        memory = actor_memory_bytes(plan.model_size or ModelSize(), plan.method,
-                                    max(sizes, default=1920 * 1080 * 3), r.streams_per_actor)
-    try:
-        nodes = cluster.node_memory_bytes()
-    except Exception:  # not connected (tests that call execute directly): no limits known
-        nodes = []
-    if not nodes or not max(nodes):
-        return r.actors, memory
-    if memory > max(nodes):
-        log(f"{plan.spec.name}: an actor needs about {memory / 2 ** 30:.1f} GiB (estimate, "
-            f"docs/MEMORY.md) but the largest node offers {max(nodes) / 2 ** 30:.1f} GiB; "
-            "asking for that much (set resources.memory_per_actor_gib to decide)")
-        memory = int(max(nodes))
-    fit = int(sum(n // memory for n in nodes))
-    if fit < r.actors:
-        log(f"{plan.spec.name}: {r.actors} actors of {memory / 2 ** 30:.1f} GiB do not fit "
-            f"the cluster's memory; running {max(1, fit)}")
-    return max(1, min(r.actors, fit)), memory
 
 
 def _earlier_probes(out: Location) -> dict[tuple[str, str], dict[str, Any]]:

@@ -28,6 +28,15 @@ def video(path: Path, frames: int = 20, size: tuple[int, int] = (64, 48), fps: i
     return path
 
 
+def noise(path: Path, frames: int = 30) -> Path:
+    """Random pixels, losslessly coded: ~360 KB a frame (a video larger than the range
+    proxy's 4 MB cache chunks, whose middle no probe reads)."""
+    ffmpeg("-f", "lavfi", "-i", "nullsrc=s=640x360:r=25,geq=lum='random(1)*255':cb=128:cr=128",
+           "-frames:v", str(frames), "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset",
+           "ultrafast", "-qp", "0", str(path))
+    return path
+
+
 def truncated(src: Path, dst: Path, fraction: float) -> Path:
     """The first ``fraction`` of ``src``: an upload or copy cut short."""
     data = src.read_bytes()
