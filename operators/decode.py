@@ -33,7 +33,6 @@ import math
 import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

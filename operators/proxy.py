@@ -19,8 +19,8 @@ Each ranged read is retried with backoff on transient store errors (``operators/
 one that still fails cuts the response short, which the decoder reports as the segment's
 error. With a :class:`operators.cache.ChunkCache` (the shared proxy uses the node's), reads
 are whole aligned chunks kept on local disk: the decoder reads every packet of a file each
-time it opens it (to number frames), and the cache turns the N opens of a video split into N segments into one fetch
-per node.
+time it opens it (to number frames), and the cache turns the N opens of a video split into
+N segments into one fetch per node.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ that process and of its decoder child from ``/proc`` (Linux):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -121,20 +120,36 @@ def measure_decord(path: str, frames: int, pause_s: float) -> dict[str, Any]:
 
 
 def measure_index(path: str) -> dict[str, Any]:
+    """Opening a video: the probe (an MP4's header), the full index a segment builds when
+    it opens the video (every packet read once, none decoded), and decord's open."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from operators.decode import probe
+    from operators.decode import MediaIndex, _open, probe
     from operators.isolation import shared_pool
 
     pool = shared_pool()
-    proc = pool.take()  # started before the clock: the probe's own cost only
-    pool.give(proc)
+    pool.give(pool.take())  # started before the clock: the probe's own cost only
     t0 = time.perf_counter()
     info = probe(LocalFileSystem(), path)
-    wall_s = time.perf_counter() - t0
-    proc = pool.take()
-    return {"frames": info["frames_total"], "wall_s": wall_s,
-            "child_peak_mib": _status_kib(proc.pid) / 1024, "bytes": os.path.getsize(path)}
+    probe_s = time.perf_counter() - t0
+    _open(path)[0].close()  # FFmpeg's libraries loaded: the index's own memory below
+    before = _status_kib("self", "VmRSS")
+    t0 = time.perf_counter()
+    container, stream = _open(path)
+    index = MediaIndex.build(container, stream)
+    index_s = time.perf_counter() - t0
+    index_mib = (_status_kib("self", "VmRSS") - before) / 1024
+    container.close()
+    out = {"frames": info["frames_total"], "probe_s": probe_s, "index_s": index_s,
+           "index_frames": len(index), "index_mib": index_mib, "bytes": os.path.getsize(path)}
+    try:
+        import decord
+    except ImportError:
+        return out
+    t0 = time.perf_counter()
+    decord.VideoReader(path, num_threads=1)
+    out["decord_open_s"] = time.perf_counter() - t0
+    return out
 
 
 def measure_actor(model: dict[str, Any], path: str, frames: int, streams: int,
@@ -219,8 +234,10 @@ def run(args) -> int:
     if "index" not in args.skip:
         report["index"] = {k: _fresh(measure_index, p) for k, (p, _) in videos.items()}
         for k, r in report["index"].items():
-            say(f"index   {k:5s} {r['frames']:>6,d} frames  open+index {r['wall_s']:6.2f} s  "
-                f"child peak {r['child_peak_mib']:7.1f} MiB  ({r['bytes'] / 2**20:.1f} MiB file)")
+            say(f"index   {k:5s} {r['frames']:>6,d} frames  probe {r['probe_s']:5.2f} s  full "
+                f"index {r['index_s']:5.2f} s (+{r['index_mib']:.1f} MiB)  decord open "
+                f"{r.get('decord_open_s', float('nan')):5.2f} s  ({r['bytes'] / 2**20:.1f} MiB "
+                "file)")
     if "decoder" not in args.skip:
         report["decoder"] = {k: _fresh(measure_decoder, p, n) for k, (p, n) in videos.items()}
         for k, r in report["decoder"].items():
@@ -268,7 +285,8 @@ def run(args) -> int:
                 frames = min(n, args.actor_frames)
                 r = _fresh(measure_actor, model, path, frames, args.streams, args.method)
                 report["actor"][f"{arch}/{k}"] = r
-                say(f"actor   {arch} {args.method} {k:5s} {r['frames']:>6,d} frames x{args.streams}  "
+                say(f"actor   {arch} {args.method} {k:5s} {r['frames']:>6,d} frames "
+                    f"x{args.streams}  "
                     f"{r['wall_s']:6.1f} s  model loaded {r['model_loaded_mib']:7.1f} MiB  "
                     f"actor peak {r['actor_peak_mib']:7.1f} MiB  decoder children "
                     f"{r['children_peak_mib']:6.1f} MiB" + (f"  errors: {r['errors']}"

@@ -15,6 +15,7 @@ import yaml
 from jobs.cli import main
 from jobs.spec import load_spec
 from pipeline.job import run_job
+from pipeline.listing import AMBIGUOUS, FOLDER
 from pipeline.storage import Location
 from tests.badinput import noise, video
 from tests.faults import FlakyFront
@@ -57,6 +58,10 @@ def test_no_credentials_anywhere_after_an_s3_job_with_errors(ray_session, s3, ti
                            CopySource={"Bucket": "archive", "Key": key})
 
     to_glacier("models/cold.safetensors")
+    # Keys that other tools resolve to other objects, and a folder marker named like a video.
+    for key in ("videos/../escape.mp4", "videos/a//b.mp4", "videos/dir.mp4/"):
+        client.put_object(Bucket="archive", Key=key, Body=b"" if key.endswith("/") else
+                          good.read_bytes())
     front = FlakyFront(s3.port)
     try:
         spec = {
@@ -95,7 +100,7 @@ def test_no_credentials_anywhere_after_an_s3_job_with_errors(ray_session, s3, ti
         front.close()
 
     assert result.status == "finished"
-    videos = {v["uri"].rsplit("/", 1)[1]: v for v in pq.read_table(io.BytesIO(
+    videos = {v["uri"][len("s3://archive/videos/"):]: v for v in pq.read_table(io.BytesIO(
         store.cat_file("runs/leaks/videos/videos.parquet"))).to_pylist()}
     assert videos["good.mp4"]["status"] == "ok" and videos["good.mp4"]["frames_decoded"] == 24
     assert videos["corrupted.mp4"]["status"] == "partial"
@@ -110,6 +115,11 @@ def test_no_credentials_anywhere_after_an_s3_job_with_errors(ray_session, s3, ti
                                             "progress for 3 s (no frame, no input read) and "
                                             "was stopped (2 attempts)"), videos["stall.mp4"]
     assert videos["notes.mp4"]["error"].startswith("not a video: a text file")
+    odd = {v["uri"]: v["error"] for v in videos.values() if "escape" in v["uri"]
+           or "//b" in v["uri"] or "dir.mp4" in v["uri"]}
+    assert odd == {"s3://archive/videos/../escape.mp4": AMBIGUOUS,
+                   "s3://archive/videos/a//b.mp4": AMBIGUOUS,
+                   "s3://archive/videos/dir.mp4": FOLDER}, odd
 
     out = capfd.readouterr()
     written = {p: store.cat_file(p) for p in store.find("runs/leaks")}
