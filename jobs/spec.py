@@ -36,7 +36,9 @@ DEFAULT_PATTERNS = ["*.mp4", "*.mkv", "*.avi", "*.mov", "*.webm", "*.m4v", "*.mp
 _SCHEMES = ("file", "s3")
 _CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "session")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Today's rules are lower case, digits, '.' and '-'; older us-east-1 buckets may also have
+# capitals and '_'.
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
@@ -79,8 +81,8 @@ def _check_uri(uri: str) -> str:
                              "the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
         bucket, _, key = rest.partition("/")
         if not _BUCKET.match(bucket):
-            raise ValueError(f"{bucket!r} is not a valid bucket name (3-63 lower-case letters, "
-                             "digits, '.' and '-')")
+            raise ValueError(f"{bucket!r} is not a valid bucket name (letters, digits, '.', "
+                             "'-' and '_')")
         # S3 keys are taken literally, but most tools resolve '..' and '//': a prefix that
         # means different objects to different readers is refused.
         if any(part in (".", "..") for part in key.split("/")) or "//" in key.rstrip("/"):
