@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 import sys
 import time
@@ -389,8 +390,6 @@ def _header_probe(target: str, size_bytes: int | None) -> dict[str, Any] | None:
                 return None
             return header_probe_source(RangeFile(None, target, size_bytes,
                                                  fetch=http_ranges(target)), size_bytes)
-        import os
-
         return header_probe_source(target, os.path.getsize(target))
     except Exception:  # the full probe says why, in its own words
         return None
@@ -708,12 +707,15 @@ class SegmentDecoder:
         self._drop_ring()
         self._shape = (height, width, 3)
         slots = self.slots or RING_SLOTS
-        self._ring = FrameRing.create(slots, height * width * 3)
-        self._proc.send(("ring", self._ring.path, slots, self._ring.slot_bytes))
+        self._ring, fd = FrameRing.create(slots, height * width * 3)
+        try:
+            self._proc.send(("ring", slots, self._ring.slot_bytes))
+            self._proc.send_handle(fd)
+        finally:
+            os.close(fd)
 
     def _take(self, msg: tuple) -> Frame:
         _, index, timestamp_s, slot = msg
-        self._ring.unlink()  # the child has attached: the name is no longer needed
         rgb = self._ring.take(slot, self._shape)
         self._proc.send(("free", slot))
         return Frame(int(index), float(timestamp_s), rgb)

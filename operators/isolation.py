@@ -7,7 +7,7 @@ runs in a small child process (numpy and PyAV only) that the parent talks to ove
 
 - ``("probe", target, size)`` -> ``("ok", info)`` or ``("error", message)``;
 - ``("decode", target, indices, options)`` -> ``("shape", h, w)``; the parent answers
-  ``("ring", path, slots, slot_bytes)``; then ``("frame", index, timestamp_s, slot)`` per
+  ``("ring", slots, slot_bytes)`` and the ring's file descriptor; then ``("frame", index, timestamp_s, slot)`` per
   frame and finally ``("end", error_or_None)``.
 
 Frames travel through a ring of ``slots`` frame-sized slots in a shared-memory file (one copy
@@ -75,18 +75,20 @@ class DecoderProcess:
 
     def __init__(self) -> None:
         parent_sock, child_sock = socket.socketpair()
-        fd, self.log_path = tempfile.mkstemp(prefix="vidprune-decoder-", suffix=".log")
-        os.close(fd)
+        # The child's stderr: a file without a name (nothing is left behind, whatever kills
+        # whom), read by the parent with pread when the child dies.
+        self._log_fd, path = tempfile.mkstemp(prefix="vidprune-decoder-", suffix=".log")
+        os.unlink(path)
         try:
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-c", "from operators.isolation import child_main; "
-                     "child_main()", str(child_sock.fileno()), str(os.getpid())],
-                    pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=log, env=child_env(), close_fds=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from operators.isolation import child_main; "
+                 "child_main()", str(child_sock.fileno()), str(os.getpid())],
+                pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=self._log_fd, env=child_env(),
+                close_fds=True)
         except BaseException:
             parent_sock.close()
-            os.unlink(self.log_path)
+            os.close(self._log_fd)
             raise
         finally:
             child_sock.close()
@@ -103,6 +105,15 @@ class DecoderProcess:
     def send(self, message: tuple) -> None:
         try:
             self.conn.send(message)
+        except OSError:
+            raise DecoderCrashed(self.describe_exit()) from None
+
+    def send_handle(self, fd: int) -> None:
+        """Pass an open file to the child (it receives a copy of the descriptor)."""
+        from multiprocessing.reduction import send_handle
+
+        try:
+            send_handle(self.conn, fd, self.proc.pid)
         except OSError:
             raise DecoderCrashed(self.describe_exit()) from None
 
@@ -162,9 +173,8 @@ class DecoderProcess:
         """What the child last wrote to stderr before it died (``terminate called after
         throwing an instance of 'std::bad_alloc'``, say), without Python's fault report."""
         try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 8192))
-                text = f.read().decode("utf-8", "replace")
+            size = os.fstat(self._log_fd).st_size
+            text = os.pread(self._log_fd, 8192, max(0, size - 8192)).decode("utf-8", "replace")
         except OSError:
             return None
         text = text.split("Fatal Python error", 1)[0]
@@ -190,10 +200,9 @@ class DecoderProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        try:
-            os.unlink(self.log_path)
-        except FileNotFoundError:
-            pass
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
 
 
 class DecoderPool:
@@ -249,39 +258,35 @@ def shared_pool() -> DecoderPool:
 
 
 class FrameRing:
-    """``slots`` frame-sized slots in a shared-memory file. The parent creates it and removes
-    the name once the child has attached. Its space is reserved up front (a full tmpfs would
-    otherwise kill the process that touches the page with SIGBUS): in ``/dev/shm`` where it
-    fits, else in the temporary folder (page cache, the same speed while memory lasts)."""
+    """``slots`` frame-sized slots in a shared-memory file without a name: the parent
+    creates it, removes its name at once and passes the open file to the child over their
+    socket (``SCM_RIGHTS``), so nothing is left behind whatever kills whom. Its space is
+    reserved up front (a full tmpfs would otherwise kill the process that touches the page
+    with SIGBUS): in ``/dev/shm`` where it fits, else in the temporary folder (page cache, the
+    same speed while memory lasts)."""
 
-    def __init__(self, path: str, slots: int, slot_bytes: int, create: bool = False):
-        self.path, self.slots, self.slot_bytes = path, slots, slot_bytes
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                try:
-                    if hasattr(os, "posix_fallocate"):
-                        os.posix_fallocate(fd, 0, slots * slot_bytes)
-                    else:  # pragma: no cover - macOS: sparse, as good as it gets there
-                        os.ftruncate(fd, slots * slot_bytes)
-                except OSError:
-                    os.unlink(path)
-                    raise
-            self.mm = mmap.mmap(fd, slots * slot_bytes)
-        finally:
-            os.close(fd)
+    def __init__(self, fd: int, slots: int, slot_bytes: int):
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.mm = mmap.mmap(fd, slots * slot_bytes)
 
     @classmethod
-    def create(cls, slots: int, slot_bytes: int) -> "FrameRing":
+    def create(cls, slots: int, slot_bytes: int) -> tuple["FrameRing", int]:
+        """A new ring and its open file (to send to the child, then close)."""
         folders = [tempfile.gettempdir()]
         if os.access("/dev/shm", os.W_OK):
             folders.insert(0, "/dev/shm")
         for i, folder in enumerate(folders):
             path = os.path.join(folder, f"vidprune-frames-{os.getpid()}-{os.urandom(6).hex()}")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.unlink(path)
             try:
-                return cls(path, slots, slot_bytes, create=True)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, slots * slot_bytes)
+                else:  # pragma: no cover - macOS: sparse, as good as it gets there
+                    os.ftruncate(fd, slots * slot_bytes)
+                return cls(fd, slots, slot_bytes), fd
             except OSError:
+                os.close(fd)
                 if i == len(folders) - 1:
                     raise
         raise AssertionError("unreachable")
@@ -304,16 +309,7 @@ class FrameRing:
         del view
         return out
 
-    def unlink(self) -> None:
-        if self.path:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.path = ""
-
     def close(self) -> None:
-        self.unlink()
         self.mm.close()
 
 
@@ -324,6 +320,7 @@ def _trim_stderr() -> None:
     empty it when it grows large."""
     if os.fstat(2).st_size > _LOG_LIMIT_BYTES:
         os.ftruncate(2, 0)
+        os.lseek(2, 0, os.SEEK_SET)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -384,7 +381,13 @@ def _serve_segment(conn: Connection, target: str, indices: list[int]) -> None:
         reply = conn.recv()
         if reply[0] != "ring":
             return
-        ring = FrameRing(reply[1], reply[2], reply[3])
+        from multiprocessing.reduction import recv_handle
+
+        fd = recv_handle(conn)
+        try:
+            ring = FrameRing(fd, reply[1], reply[2])
+        finally:
+            os.close(fd)
         free = deque(range(ring.slots))
         while frame is not None:
             while not free or conn.poll(0):
