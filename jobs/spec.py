@@ -28,7 +28,7 @@ from .errors import UserError
 
 #: The shipped zoo models the spec defaults to, per task (``models/zoo/<name>.json``).
 DEFAULT_MODELS = {"detection": "vitdet-synth", "recognition": "videomae-synth"}
-#: The default pruning method per task.
+#: The default pruning method per task, for models whose card names none (checkpoints).
 DEFAULT_METHODS = {"detection": "eventful", "recognition": "sta"}
 TASKS = ("detection", "recognition")
 DEFAULT_PATTERNS = ["*.mp4", "*.mkv", "*.avi", "*.mov", "*.webm", "*.m4v", "*.mpg", "*.mpeg",
@@ -258,7 +258,7 @@ class JobSpec(_Strict):
     name: str | None = None  # default: derived from input.uri
     input: InputSpec
     model: ModelSpec = Field(default_factory=dict)
-    pruning: PruningSpec | None = None  # default: the task's method (DEFAULT_METHODS)
+    pruning: PruningSpec | None = None  # default: the zoo card's method, else DEFAULT_METHODS
     decode: DecodeSpec = Field(default_factory=dict)
     resources: ResourcesSpec = Field(default_factory=dict)
     output: OutputSpec
