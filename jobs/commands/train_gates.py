@@ -1,7 +1,8 @@
 """``vidprune train-gates``: fine-tune SViT token gates on a model and write a checkpoint.
 
 Reads a plain folder of videos with decord and distils the gated model to the same model run
-densely (no labels needed; see ``models/svit_training.py``). Writes ``--out`` (safetensors:
+densely (no labels needed): to its class probabilities for recognizers and classifiers, to its
+final feature map for detectors (see ``models/svit_training.py``). Writes ``--out`` (safetensors:
 the model's weights plus its gates) and a zoo card beside it (``<out>.json``: architecture,
 options with the gate spec, class names, how the gates were trained). Copying both into
 ``models/zoo/`` ships the model as a zoo entry that runs with ``pruning.method: svit``.
@@ -44,9 +45,16 @@ def add_parser(subparsers) -> None:
                    help="blocks left ungated in front (default: depth // 4, the authors' 3 of 12)")
     p.add_argument("--keep-ratios", help="comma-separated keep targets, one per gated block "
                                          "(default: 0.7, 0.49, 0.343 in three groups)")
+    p.add_argument("--distill", choices=("auto", "logits", "features"), default="auto",
+                   help="what the gated model matches of the dense one: class probabilities "
+                        "(logits) or the final feature map (features); default auto: logits "
+                        "for recognizers and classifiers, features for detectors")
     p.add_argument("--frame-stride", type=int, default=4,
-                   help="frames between the frames of a training clip (default 4)")
+                   help="frames between the frames of a training clip (default 4, as jobs "
+                        "decode; use the stride the model will see: 1 for the benchmark's "
+                        "16-frame clips)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=run)
 
 
@@ -68,6 +76,8 @@ def _check_args(args) -> tuple[Path, list[Path], dict]:
     for name in ("steps", "batch", "frame_stride"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads < 0:
+        problems.append("--threads must be 0 or more")
     spec = {}
     if args.dense_blocks is not None:
         spec["dense_blocks"] = args.dense_blocks
@@ -100,6 +110,13 @@ class VideoClips:
             except Exception as exc:  # decord raises its own error types
                 print(f"warning: skipping {path.name}: {str(exc).splitlines()[0]}",
                       file=sys.stderr)
+        span = (frames - 1) * stride + 1
+        short = sum(len(r) < span for _, r in self.readers)
+        if frames > 1 and short:
+            # the clips would end in a still picture: gates trained on motion that stops
+            print(f"warning: {short} of {len(self.readers)} videos are shorter than a clip "
+                  f"({frames} frames {stride} apart = {span} frames); their clips repeat the "
+                  f"last frame (lower --frame-stride?)", file=sys.stderr)
 
     def sample(self):
         import torch
@@ -141,9 +158,11 @@ def run(args) -> int:
     from models.methods.svit import attach_gates, gates_of
     from models.registry import describe
     from models.runner import StreamRunner
-    from models.svit_training import GateTraining, measure_keep, train_gates
+    from models.svit_training import GateTraining, distill_mode, measure_keep, train_gates
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         model = build_model(args.model, checkpoint=args.checkpoint, **options)
     except (ModelError, CheckpointError) as exc:
@@ -181,7 +200,12 @@ def run(args) -> int:
                   f"{rec.task_loss:.4f}  ratio {rec.ratio_loss:.4f}  keep [{keep}]  "
                   f"{time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
 
-    config = GateTraining(steps=args.steps, lr=args.lr, backbone_lr=args.backbone_lr)
+    config = GateTraining(steps=args.steps, lr=args.lr, backbone_lr=args.backbone_lr,
+                          distill=args.distill)
+    try:
+        mode = distill_mode(model, config)
+    except ValueError as exc:
+        raise UserError(f"--distill: {exc}") from None
     history = train_gates(model, source.batches(args.batch), config, on_step=progress)
     measured = measure_keep(model, next(source.batches(args.batch))[0])
 
@@ -193,10 +217,15 @@ def run(args) -> int:
         "base_model": base,
         "svit_training": {
             "steps": len(history), "batch": args.batch, "lr": args.lr,
-            "backbone_lr": args.backbone_lr, "loss": "distillation to the dense model (MSE of "
-            "the final backbone map) + 4 x sum of (mean keep - target)^2",
+            "backbone_lr": args.backbone_lr, "frame_stride": args.frame_stride,
+            "loss": "distillation to the dense model ("
+            + ("cross-entropy against its class probabilities" if mode == "logits"
+               else "MSE of the final backbone map")
+            + f") + {config.ratio_weight:g} x sum of (mean keep - target)^2"
+            + f" (Gumbel-softmax tau {config.tau:g})",
             "data": f"{len(source.readers)} videos from {Path(args.data).name}",
             "final_loss": history[-1].loss if history else None,
+            "final_keep_training": history[-1].keep if history else None,
             "keep_targets": gates.keep_ratios,
             "keep_fraction_measured": measured.fraction,
             "keep_probability_measured": measured.probability,

@@ -9,7 +9,7 @@ from models import ModelError, StreamRunner, build_arch, build_method
 from models.ledger import Ledger
 from models.methods import MethodError
 from models.methods.svit import SViTState, attach_gates, default_keep_ratios, sparse_block
-from models.svit_training import GateTraining, measure_keep, train_gates
+from models.svit_training import GateTraining, distill_mode, measure_keep, train_gates
 
 MODELS = {  # windowed + global blocks with relative position and window padding (10x10 grid,
     # windows of 4), a clip model, and a model with a class token
@@ -213,3 +213,55 @@ def test_gates_ship_through_the_registry(frames, tmp_path, monkeypatch):
         build_method("svit").check(build_arch("vitdet-ti", depth=4, dim=32, heads=2))
     with pytest.raises(ModelError, match="svit"):
         build_arch("vitdet-ti", depth=4, dim=32, heads=2, svit={"keep_ratios": [0.5]})
+
+
+def corner_clips(steps, batch=4, seed=1):
+    """Clips whose class shows in one corner only (bright or dark), so most tokens carry
+    nothing the model needs and only the corner's matter."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        y = torch.randint(0, 2, (batch,), generator=g)
+        x = 0.5 * torch.randn(batch, 3, 4, 64, 64, generator=g)
+        x[..., :16, :16] += (4.0 * y - 2.0)[:, None, None, None, None]
+        yield x, y
+
+
+@pytest.fixture(scope="module")
+def distilled_recognizer():
+    """A tiny recognizer first taught the corner task, then given gates trained without
+    labels (distilled to itself, the way `vidprune train-gates` trains), backbone included."""
+    torch.manual_seed(0)
+    model = build_arch("videomae-s", depth=4, dim=32, heads=2, input_size=64, clip_frames=4,
+                       num_classes=2).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for x, y in corner_clips(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    attach_gates(model)
+    config = GateTraining(steps=60, lr=1e-2, backbone_lr=1e-3)
+    history = train_gates(model, ((x, None) for x, _ in corner_clips(60, seed=2)), config)
+    held_out = next(corner_clips(1, 16, seed=3))[0]
+    return model, history, measure_keep(model, held_out)
+
+
+def test_logit_distillation_brings_the_training_keep_bits_to_their_targets(
+        distilled_recognizer):
+    model, history, _ = distilled_recognizer
+    assert distill_mode(model, GateTraining()) == "logits"
+    targets = model.backbone.svit_gates.keep_ratios
+    late = [sum(r.keep[i] for r in history[-20:]) / 20 for i in range(len(targets))]
+    assert all(abs(k - t) < 0.08 for k, t in zip(late, targets)), (late, targets)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap (docs/RESULTS.md, SViT on the recognizer): the Gumbel keep bits meet their "
+    "targets in expectation while every token's keep probability settles near the target "
+    "itself, so keep-iff-the-keep-logit-wins keeps all tokens of a block whose target is "
+    "above 0.5 and none below; nothing in the paper's training makes the gates decisive"))
+def test_inference_keeps_as_many_tokens_as_training_did(distilled_recognizer):
+    model, history, measured = distilled_recognizer
+    late = [sum(r.keep[i] for r in history[-20:]) / 20 for i in range(len(measured.fraction))]
+    assert all(abs(f - k) < 0.15 for f, k in zip(measured.fraction, late)), \
+        (measured.fraction, late)
