@@ -525,6 +525,178 @@ class AVSegment:
         self._container = self._stream = self._frames = None
 
 
+# -- inside the child: decord ------------------------------------------------------------------
+
+#: Choices of ``decode.backend``: what decodes frames in the child.
+BACKENDS = ("pyav", "decord")
+#: Sampled frames asked of decord at a time (one ``get_batch``).
+DECORD_CHUNK_FRAMES = 16
+#: decord decodes ahead of its caller in a thread of its own, without limit. When the child
+#: has grown by this much since decord last started, what it decoded ahead is dropped (a
+#: seek empties its queues) and decoding resumes from the keyframe before the next frame.
+DECORD_AHEAD_BYTES = 512 << 20
+#: decord returns garbled pixels for frames narrower or lower than this.
+DECORD_MIN_SIDE = 32
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def decord_message(exc: BaseException) -> str:
+    """decord's error as one readable line, ``decord: ...``: its ``[time] file.cc:line:``
+    prefixes and the C++ check dropped, an FFmpeg error code named (``decord: Error sending
+    packet (Invalid data found when processing input)``)."""
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+\.(cc|h|cpp):\d+: ", "", text)
+    check = re.search(r"Check failed: .*? \((-?\d+) vs\. -?\d+\) ?(.*)$", text)
+    if check:
+        what = re.sub(r"^Thread worker: ", "", check.group(2)).rstrip(".") or "check failed"
+        text = f"{what} ({_ffmpeg_error(int(check.group(1)))})"
+    return f"decord: {text}"
+
+
+def _ffmpeg_error(code: int) -> str:
+    import av.error
+
+    try:
+        av.error.err_check(code)
+    except av.error.FFmpegError as err:
+        return exc_message(err)
+    except Exception:  # not an FFmpeg error code
+        pass
+    return f"code {code}"
+
+
+@dataclass
+class DecordSegment:
+    """:class:`AVSegment`'s work done by decord (``decode.backend: decord``), in the decoder
+    child: the same frames, numbers, timestamps and errors.
+
+    The video is opened by PyAV first (with its protocol and container whitelists: decord
+    takes no such options) to build the :class:`MediaIndex` that numbers frames and gives
+    their timestamps (decord's are wrong for AVI); decord then decodes the pixels,
+    :data:`DECORD_CHUNK_FRAMES` sampled frames per ``get_batch``. decord decodes ahead without
+    limit; the child drops what it decoded ahead each time it grew by
+    :data:`DECORD_AHEAD_BYTES` (docs/MEMORY.md), so its memory is bounded by that budget
+    rather than by the video, at the cost of decoding again from a keyframe.
+
+    An error in decord's thread surfaces on the next call, even when the frame asked for
+    precedes the damage; so after an error the frame is asked of a fresh reader alone, and
+    only its failure there ends the segment.
+    """
+
+    target: str
+    indices: list[int]
+    error: str | None = None
+    ahead_drops: int = 0                             # times decord's read-ahead was dropped
+    _reader: Any = field(default=None, repr=False)
+    _fresh: bool = field(default=False, repr=False)  # nothing asked of this reader yet
+    _index: MediaIndex | None = field(default=None, repr=False)
+    _frames: int = field(default=0, repr=False)      # frames both decord and the index know
+    _ready: list[Frame] = field(default_factory=list, repr=False)  # decoded, not yet read
+    _floor_bytes: int | None = field(default=None, repr=False)
+    _next: int = field(default=0, repr=False)
+
+    def read(self) -> Frame | None:
+        if self.error is not None or self._next >= len(self.indices):
+            self.close()
+            return None
+        target = self.indices[self._next]
+        try:
+            frame = self._read(target)
+        except VideoError as exc:
+            self.error = f"decoding failed at frame {target}: {exc}"
+        except Exception as exc:  # decord's own errors (DECORDError) on a broken stream
+            self.error = f"decoding failed at frame {target}: {decord_message(exc)}"
+        else:
+            self._next += 1
+            return frame
+        self.close()
+        return None
+
+    def _read(self, target: int) -> Frame:
+        if self._index is None:
+            self._open()
+        self._bound_read_ahead()
+        if not self._ready:
+            if target >= self._frames:
+                raise VideoError(f"the stream ended at frame {self._frames}; frame {target} "
+                                 "is missing")
+            chunk = [i for i in self.indices[self._next:self._next + DECORD_CHUNK_FRAMES]
+                     if i < self._frames]
+            rgb = self._batch(chunk)
+            self._ready = [Frame(i, self._index.timestamp_s(i), np.ascontiguousarray(rgb[k]))
+                           for k, i in enumerate(chunk[:len(rgb)])][::-1]
+        return self._ready.pop()
+
+    def _open(self) -> None:
+        container, stream = _open(self.target)
+        try:
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width and height and min(width, height) < DECORD_MIN_SIDE:
+                raise VideoError(f"its frames are {width}x{height} pixels, and decord garbles "
+                                 f"frames under {DECORD_MIN_SIDE} pixels wide or high; decode "
+                                 "it with decode.backend: pyav")
+            self._index = MediaIndex.build(container, stream)
+        finally:
+            container.close()
+        self._reader = self._new_reader()
+        # Both count the stream's packets; should they differ, only frames both know are read.
+        self._frames = min(len(self._index), len(self._reader))
+
+    def _new_reader(self) -> Any:
+        import decord
+
+        self._reader = None  # the old one's thread stops and its frames go first
+        try:
+            reader = decord.VideoReader(self.target, ctx=decord.cpu(0), num_threads=1)
+        except Exception as exc:
+            raise VideoError(f"cannot open it: {decord_message(exc)}") from None
+        self._fresh, self._floor_bytes = True, _rss_bytes()
+        return reader
+
+    def _batch(self, chunk: list[int]) -> np.ndarray:
+        """The frames ``chunk`` from decord; after an error, the first of them alone from a
+        fresh reader (see the class docstring)."""
+        fresh, self._fresh = self._fresh, False
+        try:
+            return self._reader.get_batch(chunk).asnumpy()
+        except Exception:
+            if fresh and len(chunk) == 1:
+                raise
+        self._reader = self._new_reader()
+        self._fresh = False
+        return self._reader.get_batch(chunk[:1]).asnumpy()
+
+    def _bound_read_ahead(self) -> None:
+        rss = _rss_bytes()
+        if rss is None or self._floor_bytes is None or self._fresh:
+            return
+        if rss - self._floor_bytes > DECORD_AHEAD_BYTES:
+            self._reader.seek(0)  # empties decord's queues; the next batch seeks accurately
+            self._floor_bytes = _rss_bytes()
+            self.ahead_drops += 1
+
+    def close(self) -> None:
+        self._reader = None
+        self._ready = []
+
+
+def open_segment(target: str, indices: list[int], backend: str = "pyav"
+                 ) -> "AVSegment | DecordSegment":
+    """The child's decoder for one segment, by ``decode.backend``."""
+    if backend == "pyav":
+        return AVSegment(target, indices)
+    if backend == "decord":
+        return DecordSegment(target, indices)
+    raise ValueError(f"unknown decoder backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
 # -- in the driver and the actors -------------------------------------------------------------
 
 def _fs_path(fs: Any, uri: str) -> str:
@@ -639,6 +811,7 @@ class SegmentDecoder:
     timeout_s: float = DEFAULT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
     slots: int = 0                      # 0: isolation.RING_SLOTS
+    backend: str = "pyav"               # what decodes in the child (BACKENDS)
     error: str | None = None
     frames_decoded: int = 0
     decode_s: float = 0.0
@@ -699,7 +872,8 @@ class SegmentDecoder:
         if self._target is None:
             self._target = _Target(self.fs, self.uri, self.size_bytes)
         self._proc = shared_pool().take()
-        self._proc.send(("decode", self._target.value, self.indices[self._next:]))
+        self._proc.send(("decode", self._target.value, self.indices[self._next:],
+                         {"backend": self.backend}))
 
     def _make_ring(self, height: int, width: int) -> None:
         from .isolation import RING_SLOTS, FrameRing
