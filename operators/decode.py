@@ -529,22 +529,11 @@ class AVSegment:
 
 #: Choices of ``decode.backend``: what decodes frames in the child.
 BACKENDS = ("pyav", "decord")
-#: Sampled frames asked of decord at a time (one ``get_batch``).
-DECORD_CHUNK_FRAMES = 16
-#: decord decodes ahead of its caller in a thread of its own, without limit. When the child
-#: has grown by this much since decord last started, what it decoded ahead is dropped (a
-#: seek empties its queues) and decoding resumes from the keyframe before the next frame.
-DECORD_AHEAD_BYTES = 512 << 20
+#: What one ``get_batch`` may ask of decord: its frames are held in the child until read.
+DECORD_BATCH_BYTES = 256 << 20
+DECORD_BATCH_FRAMES = 256
 #: decord returns garbled pixels for frames narrower or lower than this.
 DECORD_MIN_SIDE = 32
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def decord_message(exc: BaseException) -> str:
@@ -579,27 +568,30 @@ class DecordSegment:
 
     The video is opened by PyAV first (with its protocol and container whitelists: decord
     takes no such options) to build the :class:`MediaIndex` that numbers frames and gives
-    their timestamps (decord's are wrong for AVI); decord then decodes the pixels,
-    :data:`DECORD_CHUNK_FRAMES` sampled frames per ``get_batch``. decord decodes ahead without
-    limit; the child drops what it decoded ahead each time it grew by
-    :data:`DECORD_AHEAD_BYTES` (docs/MEMORY.md), so its memory is bounded by that budget
-    rather than by the video, at the cost of decoding again from a keyframe.
+    their timestamps (decord's are wrong for AVI); decord then decodes the pixels, many
+    sampled frames per ``get_batch``.
 
-    An error in decord's thread surfaces on the next call, even when the frame asked for
-    precedes the damage; so after an error the frame is asked of a fresh reader alone, and
-    only its failure there ends the segment.
+    decord decodes ahead of its caller in a thread of its own, without limit (docs/MEMORY.md).
+    A seek stops it, so every batch is followed by one; the next batch then decodes again
+    from the keyframe before its first frame. So batches end before a keyframe where they
+    can (the next one starts there, at no cost), and hold at most :data:`DECORD_BATCH_BYTES`
+    of frames: memory is bounded by that, not by the video. Frames a keyframe interval
+    longer than a batch puts in the middle of it are decoded more than once.
+
+    An error in decord's thread surfaces on the next call, even when the frames asked for
+    precede the damage; so after an error the first frame is asked of a fresh reader alone,
+    and only its failure there ends the segment.
     """
 
     target: str
     indices: list[int]
     error: str | None = None
-    ahead_drops: int = 0                             # times decord's read-ahead was dropped
     _reader: Any = field(default=None, repr=False)
     _fresh: bool = field(default=False, repr=False)  # nothing asked of this reader yet
     _index: MediaIndex | None = field(default=None, repr=False)
     _frames: int = field(default=0, repr=False)      # frames both decord and the index know
+    _batch_frames: int = field(default=1, repr=False)
     _ready: list[Frame] = field(default_factory=list, repr=False)  # decoded, not yet read
-    _floor_bytes: int | None = field(default=None, repr=False)
     _next: int = field(default=0, repr=False)
 
     def read(self) -> Frame | None:
@@ -622,17 +614,30 @@ class DecordSegment:
     def _read(self, target: int) -> Frame:
         if self._index is None:
             self._open()
-        self._bound_read_ahead()
         if not self._ready:
             if target >= self._frames:
                 raise VideoError(f"the stream ended at frame {self._frames}; frame {target} "
                                  "is missing")
-            chunk = [i for i in self.indices[self._next:self._next + DECORD_CHUNK_FRAMES]
-                     if i < self._frames]
+            chunk = self._chunk()
             rgb = self._batch(chunk)
-            self._ready = [Frame(i, self._index.timestamp_s(i), np.ascontiguousarray(rgb[k]))
+            self._ready = [Frame(i, self._index.timestamp_s(i), rgb[k])
                            for k, i in enumerate(chunk[:len(rgb)])][::-1]
-        return self._ready.pop()
+        frame = self._ready.pop()
+        if not self._ready:  # a view would keep the whole batch alive through the next one
+            frame.rgb = frame.rgb.copy()
+        return frame
+
+    def _chunk(self) -> list[int]:
+        """The next batch: up to ``_batch_frames`` sampled frames, ending before the first
+        keyframe after its first frame (unless that would leave it one frame long)."""
+        chunk = [i for i in self.indices[self._next:self._next + self._batch_frames]
+                 if i < self._frames]
+        k = bisect.bisect_right(self._index.keyframes, chunk[0])
+        if k < len(self._index.keyframes):
+            cut = bisect.bisect_left(chunk, self._index.keyframes[k])
+            if cut > 1:
+                chunk = chunk[:cut]
+        return chunk
 
     def _open(self) -> None:
         container, stream = _open(self.target)
@@ -643,8 +648,10 @@ class DecordSegment:
                                  f"frames under {DECORD_MIN_SIDE} pixels wide or high; decode "
                                  "it with decode.backend: pyav")
             self._index = MediaIndex.build(container, stream)
+            frame_bytes = max(1, (width or 1) * (height or 1) * 3)
         finally:
             container.close()
+        self._batch_frames = max(1, min(DECORD_BATCH_FRAMES, DECORD_BATCH_BYTES // frame_bytes))
         self._reader = self._new_reader()
         # Both count the stream's packets; should they differ, only frames both know are read.
         self._frames = min(len(self._index), len(self._reader))
@@ -652,35 +659,30 @@ class DecordSegment:
     def _new_reader(self) -> Any:
         import decord
 
-        self._reader = None  # the old one's thread stops and its frames go first
+        self._reader = None  # the old one's thread stops and its frames are freed first
         try:
             reader = decord.VideoReader(self.target, ctx=decord.cpu(0), num_threads=1)
         except Exception as exc:
             raise VideoError(f"cannot open it: {decord_message(exc)}") from None
-        self._fresh, self._floor_bytes = True, _rss_bytes()
+        self._fresh = True
         return reader
 
     def _batch(self, chunk: list[int]) -> np.ndarray:
-        """The frames ``chunk`` from decord; after an error, the first of them alone from a
-        fresh reader (see the class docstring)."""
+        """The frames ``chunk`` from decord, its thread stopped after them; after an error,
+        the first of them alone from a fresh reader (see the class docstring)."""
         fresh, self._fresh = self._fresh, False
         try:
-            return self._reader.get_batch(chunk).asnumpy()
+            return self._stopped(self._reader.get_batch(chunk).asnumpy())
         except Exception:
             if fresh and len(chunk) == 1:
                 raise
         self._reader = self._new_reader()
         self._fresh = False
-        return self._reader.get_batch(chunk[:1]).asnumpy()
+        return self._stopped(self._reader.get_batch(chunk[:1]).asnumpy())
 
-    def _bound_read_ahead(self) -> None:
-        rss = _rss_bytes()
-        if rss is None or self._floor_bytes is None or self._fresh:
-            return
-        if rss - self._floor_bytes > DECORD_AHEAD_BYTES:
-            self._reader.seek(0)  # empties decord's queues; the next batch seeks accurately
-            self._floor_bytes = _rss_bytes()
-            self.ahead_drops += 1
+    def _stopped(self, rgb: np.ndarray) -> np.ndarray:
+        self._reader.seek(0)  # stops decord's thread; the next batch seeks where it needs
+        return rgb
 
     def close(self) -> None:
         self._reader = None
