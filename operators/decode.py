@@ -437,6 +437,26 @@ class Frame:
     rgb: np.ndarray     # (H, W, 3) uint8
 
 
+def _read_next(segment: Any, message: Callable[[BaseException], str]) -> Frame | None:
+    """A segment's next frame (``segment._read``), or None when it is done or broke; then
+    ``segment.error`` says at which frame, in the decoder's words (``message``)."""
+    if segment.error is not None or segment._next >= len(segment.indices):
+        segment.close()
+        return None
+    target = segment.indices[segment._next]
+    try:
+        frame = segment._read(target)
+    except VideoError as exc:
+        segment.error = f"decoding failed at frame {target}: {exc}"
+    except Exception as exc:  # the decoder's own errors on a broken stream
+        segment.error = f"decoding failed at frame {target}: {message(exc)}"
+    else:
+        segment._next += 1
+        return frame
+    segment.close()
+    return None
+
+
 @dataclass
 class AVSegment:
     """The sampled frames ``indices`` (sorted, within one segment) of ``target`` (a local
@@ -464,21 +484,7 @@ class AVSegment:
     _next: int = field(default=0, repr=False)        # position in ``indices``
 
     def read(self) -> Frame | None:
-        if self.error is not None or self._next >= len(self.indices):
-            self.close()
-            return None
-        target = self.indices[self._next]
-        try:
-            frame = self._read(target)
-        except VideoError as exc:
-            self.error = f"decoding failed at frame {target}: {exc}"
-        except Exception as exc:  # FFmpeg on a broken stream
-            self.error = f"decoding failed at frame {target}: {exc_message(exc)}"
-        else:
-            self._next += 1
-            return frame
-        self.close()
-        return None
+        return _read_next(self, exc_message)  # FFmpeg's errors on a broken stream
 
     def _read(self, target: int) -> Frame:
         if self._container is None:
@@ -595,21 +601,7 @@ class DecordSegment:
     _next: int = field(default=0, repr=False)
 
     def read(self) -> Frame | None:
-        if self.error is not None or self._next >= len(self.indices):
-            self.close()
-            return None
-        target = self.indices[self._next]
-        try:
-            frame = self._read(target)
-        except VideoError as exc:
-            self.error = f"decoding failed at frame {target}: {exc}"
-        except Exception as exc:  # decord's own errors (DECORDError) on a broken stream
-            self.error = f"decoding failed at frame {target}: {decord_message(exc)}"
-        else:
-            self._next += 1
-            return frame
-        self.close()
-        return None
+        return _read_next(self, decord_message)  # decord's errors (DECORDError)
 
     def _read(self, target: int) -> Frame:
         if self._index is None:
