@@ -11,6 +11,9 @@
   (1.4 GB) per stream in measurements (docs/MEMORY.md); it also mangled frames narrower
   than 32 pixels. Frame numbers are what decord counted: the video stream's packets in
   presentation order.
+- :class:`DecordSegment` does :class:`AVSegment`'s work with decord instead
+  (``decode.backend: decord``; :func:`open_segment` picks one): the same frame numbers,
+  timestamps and errors, decoded in batches whose size bounds the child's memory.
 - :func:`diagnose` says what a file that cannot be decoded actually is (gone, empty, an
   image, text, a truncated MP4, an audio-only file, an unknown codec).
 

@@ -10,7 +10,7 @@ that process and of its decoder child from ``/proc`` (Linux):
 - **decord**: decord 0.6, which vidprune used before, read frame by frame by a caller as slow
   as a model (``--model-ms``): it decodes ahead without limit; then the same through
   :class:`SegmentDecoder` with ``backend="decord"`` (``decode.backend: decord``), whose child
-  drops decord's read-ahead when it grows;
+  stops decord's thread after every batch;
 - **index**: opening (probing) each video, which reads every packet once to number frames;
 - **overhead**: the decoder child against decoding in the calling process (wall and CPU);
 - **actor**: an annotator actor (``operators.annotator.AnnotatorActor``, no Ray) running a
