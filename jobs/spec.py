@@ -233,6 +233,7 @@ class DecodeSpec(_Strict):
     frame_stride: int = Field(default=4, ge=1, le=10_000)  # recognizers: every k-th frame
     timeout_s: float = Field(default=120.0, gt=0, le=86_400)  # a decoder without progress
     retries: int = Field(default=2, ge=0, le=10)              # fresh decoders per segment
+    backend: Literal["pyav", "decord"] = "pyav"  # what decodes in the child (docs/SPEC.md)
 
 
 class ResourcesSpec(_Strict):

@@ -131,9 +131,9 @@ class AnnotatorActor:
         self.class_names = list(self.runner.model.class_names)
         self.top_k = int(model.get("top_k", 5))
         self.fps = decode.get("fps")
-        # How long a decoder may go without progress, and how often it is replaced after a
-        # crash or hang (``operators/decode.py``).
-        self.decoder_options = {k: decode[k] for k in ("timeout_s", "retries")
+        # How long a decoder may go without progress, how often it is replaced after a
+        # crash or hang, and what decodes in it (``operators/decode.py``).
+        self.decoder_options = {k: decode[k] for k in ("timeout_s", "retries", "backend")
                                 if decode.get(k) is not None}
         self.frame_stride = int(decode.get("frame_stride", 1)) if self.task == "recognition" \
             else 1

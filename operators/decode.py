@@ -11,6 +11,9 @@
   (1.4 GB) per stream in measurements (docs/MEMORY.md); it also mangled frames narrower
   than 32 pixels. Frame numbers are what decord counted: the video stream's packets in
   presentation order.
+- :class:`DecordSegment` does :class:`AVSegment`'s work with decord instead
+  (``decode.backend: decord``; :func:`open_segment` picks one): the same frame numbers,
+  timestamps and errors, decoded in batches whose size bounds the child's memory.
 - :func:`diagnose` says what a file that cannot be decoded actually is (gone, empty, an
   image, text, a truncated MP4, an audio-only file, an unknown codec).
 
@@ -437,6 +440,26 @@ class Frame:
     rgb: np.ndarray     # (H, W, 3) uint8
 
 
+def _read_next(segment: Any, message: Callable[[BaseException], str]) -> Frame | None:
+    """A segment's next frame (``segment._read``), or None when it is done or broke; then
+    ``segment.error`` says at which frame, in the decoder's words (``message``)."""
+    if segment.error is not None or segment._next >= len(segment.indices):
+        segment.close()
+        return None
+    target = segment.indices[segment._next]
+    try:
+        frame = segment._read(target)
+    except VideoError as exc:
+        segment.error = f"decoding failed at frame {target}: {exc}"
+    except Exception as exc:  # the decoder's own errors on a broken stream
+        segment.error = f"decoding failed at frame {target}: {message(exc)}"
+    else:
+        segment._next += 1
+        return frame
+    segment.close()
+    return None
+
+
 @dataclass
 class AVSegment:
     """The sampled frames ``indices`` (sorted, within one segment) of ``target`` (a local
@@ -464,21 +487,7 @@ class AVSegment:
     _next: int = field(default=0, repr=False)        # position in ``indices``
 
     def read(self) -> Frame | None:
-        if self.error is not None or self._next >= len(self.indices):
-            self.close()
-            return None
-        target = self.indices[self._next]
-        try:
-            frame = self._read(target)
-        except VideoError as exc:
-            self.error = f"decoding failed at frame {target}: {exc}"
-        except Exception as exc:  # FFmpeg on a broken stream
-            self.error = f"decoding failed at frame {target}: {exc_message(exc)}"
-        else:
-            self._next += 1
-            return frame
-        self.close()
-        return None
+        return _read_next(self, exc_message)  # FFmpeg's errors on a broken stream
 
     def _read(self, target: int) -> Frame:
         if self._container is None:
@@ -523,6 +532,166 @@ class AVSegment:
         if self._container is not None:
             self._container.close()
         self._container = self._stream = self._frames = None
+
+
+# -- inside the child: decord ------------------------------------------------------------------
+
+#: Choices of ``decode.backend``: what decodes frames in the child.
+BACKENDS = ("pyav", "decord")
+#: What one ``get_batch`` may ask of decord: its frames are held in the child until read.
+DECORD_BATCH_BYTES = 256 << 20
+DECORD_BATCH_FRAMES = 256
+#: decord returns garbled pixels for frames narrower or lower than this.
+DECORD_MIN_SIDE = 32
+
+
+def decord_message(exc: BaseException) -> str:
+    """decord's error as one readable line, ``decord: ...``: its ``[time] file.cc:line:``
+    prefixes and the C++ check dropped, an FFmpeg error code named (``decord: Error sending
+    packet (Invalid data found when processing input)``)."""
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+\.(cc|h|cpp):\d+: ", "", text)
+    check = re.search(r"Check failed: .*? \((-?\d+) vs\. -?\d+\) ?(.*)$", text)
+    if check:
+        what = re.sub(r"^Thread worker: ", "", check.group(2)).rstrip(".") or "check failed"
+        text = f"{what} ({_ffmpeg_error(int(check.group(1)))})"
+    return f"decord: {text}"
+
+
+def _ffmpeg_error(code: int) -> str:
+    import av.error
+
+    try:
+        av.error.err_check(code)
+    except av.error.FFmpegError as err:
+        return exc_message(err)
+    except Exception:  # not an FFmpeg error code
+        pass
+    return f"code {code}"
+
+
+@dataclass
+class DecordSegment:
+    """:class:`AVSegment`'s work done by decord (``decode.backend: decord``), in the decoder
+    child: the same frames, numbers, timestamps and errors.
+
+    The video is opened by PyAV first (with its protocol and container whitelists: decord
+    takes no such options) to build the :class:`MediaIndex` that numbers frames and gives
+    their timestamps (decord's are wrong for AVI); decord then decodes the pixels, many
+    sampled frames per ``get_batch``.
+
+    decord decodes ahead of its caller in a thread of its own, without limit (docs/MEMORY.md).
+    A seek stops it, so every batch is followed by one; the next batch then decodes again
+    from the keyframe before its first frame. So batches end before a keyframe where they
+    can (the next one starts there, at no cost), and hold at most :data:`DECORD_BATCH_BYTES`
+    of frames: memory is bounded by that, not by the video. Frames a keyframe interval
+    longer than a batch puts in the middle of it are decoded more than once.
+
+    An error in decord's thread surfaces on the next call, even when the frames asked for
+    precede the damage; so after an error the first frame is asked of a fresh reader alone,
+    and only its failure there ends the segment.
+    """
+
+    target: str
+    indices: list[int]
+    error: str | None = None
+    _reader: Any = field(default=None, repr=False)
+    _fresh: bool = field(default=False, repr=False)  # nothing asked of this reader yet
+    _index: MediaIndex | None = field(default=None, repr=False)
+    _frames: int = field(default=0, repr=False)      # frames both decord and the index know
+    _batch_frames: int = field(default=1, repr=False)
+    _ready: list[Frame] = field(default_factory=list, repr=False)  # decoded, not yet read
+    _next: int = field(default=0, repr=False)
+
+    def read(self) -> Frame | None:
+        return _read_next(self, decord_message)  # decord's errors (DECORDError)
+
+    def _read(self, target: int) -> Frame:
+        if self._index is None:
+            self._open()
+        if not self._ready:
+            if target >= self._frames:
+                raise VideoError(f"the stream ended at frame {self._frames}; frame {target} "
+                                 "is missing")
+            chunk = self._chunk()
+            rgb = self._batch(chunk)
+            self._ready = [Frame(i, self._index.timestamp_s(i), rgb[k])
+                           for k, i in enumerate(chunk[:len(rgb)])][::-1]
+        frame = self._ready.pop()
+        if not self._ready:  # a view would keep the whole batch alive through the next one
+            frame.rgb = frame.rgb.copy()
+        return frame
+
+    def _chunk(self) -> list[int]:
+        """The next batch: up to ``_batch_frames`` sampled frames, ending before the first
+        keyframe after its first frame (unless that would leave it one frame long)."""
+        chunk = [i for i in self.indices[self._next:self._next + self._batch_frames]
+                 if i < self._frames]
+        k = bisect.bisect_right(self._index.keyframes, chunk[0])
+        if k < len(self._index.keyframes):
+            cut = bisect.bisect_left(chunk, self._index.keyframes[k])
+            if cut > 1:
+                chunk = chunk[:cut]
+        return chunk
+
+    def _open(self) -> None:
+        container, stream = _open(self.target)
+        try:
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width and height and min(width, height) < DECORD_MIN_SIDE:
+                raise VideoError(f"its frames are {width}x{height} pixels, and decord garbles "
+                                 f"frames under {DECORD_MIN_SIDE} pixels wide or high; decode "
+                                 "it with decode.backend: pyav")
+            self._index = MediaIndex.build(container, stream)
+            frame_bytes = max(1, (width or 1) * (height or 1) * 3)
+        finally:
+            container.close()
+        self._batch_frames = max(1, min(DECORD_BATCH_FRAMES, DECORD_BATCH_BYTES // frame_bytes))
+        self._reader = self._new_reader()
+        # Both count the stream's packets; should they differ, only frames both know are read.
+        self._frames = min(len(self._index), len(self._reader))
+
+    def _new_reader(self) -> Any:
+        import decord
+
+        self._reader = None  # the old one's thread stops and its frames are freed first
+        try:
+            reader = decord.VideoReader(self.target, ctx=decord.cpu(0), num_threads=1)
+        except Exception as exc:
+            raise VideoError(f"cannot open it: {decord_message(exc)}") from None
+        self._fresh = True
+        return reader
+
+    def _batch(self, chunk: list[int]) -> np.ndarray:
+        """The frames ``chunk`` from decord, its thread stopped after them; after an error,
+        the first of them alone from a fresh reader (see the class docstring)."""
+        fresh, self._fresh = self._fresh, False
+        try:
+            return self._stopped(self._reader.get_batch(chunk).asnumpy())
+        except Exception:
+            if fresh and len(chunk) == 1:
+                raise
+        self._reader = self._new_reader()
+        self._fresh = False
+        return self._stopped(self._reader.get_batch(chunk[:1]).asnumpy())
+
+    def _stopped(self, rgb: np.ndarray) -> np.ndarray:
+        self._reader.seek(0)  # stops decord's thread; the next batch seeks where it needs
+        return rgb
+
+    def close(self) -> None:
+        self._reader = None
+        self._ready = []
+
+
+def open_segment(target: str, indices: list[int], backend: str = "pyav"
+                 ) -> "AVSegment | DecordSegment":
+    """The child's decoder for one segment, by ``decode.backend``."""
+    if backend == "pyav":
+        return AVSegment(target, indices)
+    if backend == "decord":
+        return DecordSegment(target, indices)
+    raise ValueError(f"unknown decoder backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 # -- in the driver and the actors -------------------------------------------------------------
@@ -639,6 +808,7 @@ class SegmentDecoder:
     timeout_s: float = DEFAULT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
     slots: int = 0                      # 0: isolation.RING_SLOTS
+    backend: str = "pyav"               # what decodes in the child (BACKENDS)
     error: str | None = None
     frames_decoded: int = 0
     decode_s: float = 0.0
@@ -699,7 +869,8 @@ class SegmentDecoder:
         if self._target is None:
             self._target = _Target(self.fs, self.uri, self.size_bytes)
         self._proc = shared_pool().take()
-        self._proc.send(("decode", self._target.value, self.indices[self._next:]))
+        self._proc.send(("decode", self._target.value, self.indices[self._next:],
+                         {"backend": self.backend}))
 
     def _make_ring(self, height: int, width: int) -> None:
         from .isolation import RING_SLOTS, FrameRing

@@ -3,10 +3,12 @@
 FFmpeg parses whatever bytes an archive holds, and a hostile or damaged file can make a
 decoder abort (decord 0.6 throws ``std::bad_alloc`` and dies with SIGABRT on an MP4 whose
 header claims billions of frames), spin, or block on a read that never returns. So decoding
-runs in a small child process (numpy and PyAV only) that the parent talks to over a socket:
+runs in a small child process (numpy and PyAV; decord too with ``decode.backend: decord``)
+that the parent talks to over a socket:
 
 - ``("probe", target, size)`` -> ``("ok", info)`` or ``("error", message)``;
-- ``("decode", target, indices, options)`` -> ``("shape", h, w)``; the parent answers
+- ``("decode", target, indices, options)`` (``options``: ``{"backend": "pyav" | "decord"}``)
+  -> ``("shape", h, w)``; the parent answers
   ``("ring", slots, slot_bytes)`` and the ring's file descriptor; then ``("frame", index, timestamp_s, slot)`` per
   frame and finally ``("end", error_or_None)``.
 
@@ -362,14 +364,19 @@ def child_main(argv: list[str] | None = None) -> None:
                 conn.send(("error", decode.exc_message(exc)))
         elif kind == "decode":
             _trim_stderr()
-            _serve_segment(conn, msg[1], msg[2])
+            _serve_segment(conn, msg[1], msg[2], msg[3] if len(msg) > 3 else {})
         # anything else ("free" or "stop" for a segment already over) is ignored
 
 
-def _serve_segment(conn: Connection, target: str, indices: list[int]) -> None:
-    from .decode import AVSegment
+def _serve_segment(conn: Connection, target: str, indices: list[int],
+                   options: dict[str, Any]) -> None:
+    from .decode import open_segment
 
-    seg = AVSegment(target, indices)
+    try:
+        seg = open_segment(target, indices, **options)
+    except (TypeError, ValueError) as exc:  # a parent from another version of vidprune
+        conn.send(("end", f"decoding failed at frame {indices[0] if indices else 0}: {exc}"))
+        return
     ring = None
     try:
         frame = seg.read()

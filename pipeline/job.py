@@ -204,6 +204,8 @@ def _fingerprint_inputs(spec: Any, model: dict[str, Any], method: str, params: d
     decode = {"fps": spec.decode.fps, "segment_frames": spec.decode.segment_frames}
     if model["task"] == "recognition":
         decode["frame_stride"] = spec.decode.frame_stride
+    if spec.decode.backend != "pyav":  # outputs of the default keep their fingerprint
+        decode["backend"] = spec.decode.backend
     return {"model": m, "pruning": {"method": method, "params": params}, "decode": decode}
 
 
@@ -415,7 +417,8 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     actor_kwargs = {
         "model": plan.model, "method": plan.method, "params": plan.params,
         "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride,
-                   "timeout_s": spec.decode.timeout_s, "retries": spec.decode.retries},
+                   "timeout_s": spec.decode.timeout_s, "retries": spec.decode.retries,
+                   "backend": spec.decode.backend},
         "input_fs": plan.input_fs, "writer": SegmentWriter(out, plan.task),
         "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint, "name": spec.name},
         "checkpoint_fs": plan.checkpoint_fs,

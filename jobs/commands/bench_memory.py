@@ -8,7 +8,9 @@ that process and of its decoder child from ``/proc`` (Linux):
   whole through :class:`operators.decode.SegmentDecoder`; peak memory must not grow with
   the length (within 1.2x);
 - **decord**: decord 0.6, which vidprune used before, read frame by frame by a caller as slow
-  as a model (``--model-ms``): it decodes ahead without limit;
+  as a model (``--model-ms``): it decodes ahead without limit; then the same through
+  :class:`SegmentDecoder` with ``backend="decord"`` (``decode.backend: decord``), whose child
+  stops decord's thread after every batch;
 - **index**: opening (probing) each video, which reads every packet once to number frames;
 - **overhead**: the decoder child against decoding in the calling process (wall and CPU);
 - **actor**: an annotator actor (``operators.annotator.AnnotatorActor``, no Ray) running a
@@ -75,12 +77,13 @@ def _cpu_s(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_decoder(path: str, frames: int, pause_s: float = 0.0) -> dict[str, Any]:
+def measure_decoder(path: str, frames: int, pause_s: float = 0.0,
+                    backend: str = "pyav") -> dict[str, Any]:
     from fsspec.implementations.local import LocalFileSystem
 
     from operators.decode import SegmentDecoder
 
-    decoder = SegmentDecoder(LocalFileSystem(), path, list(range(frames)))
+    decoder = SegmentDecoder(LocalFileSystem(), path, list(range(frames)), backend=backend)
     t0 = time.perf_counter()
     child = {}
     while decoder.read() is not None:
@@ -273,6 +276,11 @@ def run(args) -> int:
             report["decord"] = _fresh(measure_decord, path, n, args.model_ms / 1000)
             say(f"decord  short {n:>6,d} frames, caller {args.model_ms:.0f} ms/frame: peak "
                 f"{report['decord']['peak_mib']:7.1f} MiB (decoding ahead of its caller)")
+            r = report["decord_child"] = _fresh(measure_decoder, path, n, args.model_ms / 1000,
+                                                "decord")
+            say(f"decord  child {n:>6,d} frames, caller {args.model_ms:.0f} ms/frame: "
+                f"{r['wall_s']:6.1f} s  child peak {r.get('child_peak_mib', float('nan')):7.1f} "
+                f"MiB  caller peak {r['caller_peak_mib']:7.1f} MiB (decode.backend: decord)")
     if "actor" not in args.skip:
         options = parse_key_values(args.option)
         archs = args.arch or ["vitdet-ti"]
