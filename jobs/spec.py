@@ -28,7 +28,7 @@ from .errors import UserError
 
 #: The shipped zoo models the spec defaults to, per task (``models/zoo/<name>.json``).
 DEFAULT_MODELS = {"detection": "vitdet-synth", "recognition": "videomae-synth"}
-#: The default pruning method per task.
+#: The default pruning method per task, for models whose card names none (checkpoints).
 DEFAULT_METHODS = {"detection": "eventful", "recognition": "sta"}
 TASKS = ("detection", "recognition")
 DEFAULT_PATTERNS = ["*.mp4", "*.mkv", "*.avi", "*.mov", "*.webm", "*.m4v", "*.mpg", "*.mpeg",
@@ -259,7 +259,7 @@ class JobSpec(_Strict):
     name: str | None = None  # default: derived from input.uri
     input: InputSpec
     model: ModelSpec = Field(default_factory=dict)
-    pruning: PruningSpec | None = None  # default: the task's method (DEFAULT_METHODS)
+    pruning: PruningSpec | None = None  # default: the zoo card's method, else DEFAULT_METHODS
     decode: DecodeSpec = Field(default_factory=dict)
     resources: ResourcesSpec = Field(default_factory=dict)
     output: OutputSpec
@@ -275,36 +275,14 @@ class JobSpec(_Strict):
     @field_validator("pruning", mode="before")
     @classmethod
     def _pruning(cls, value: Any, info: ValidationInfo) -> Any:
-        model = info.data.get("model")
-        if value is None:
-            value = {}
-        if isinstance(value, PruningSpec):
-            value = value.model_dump()
-        if not isinstance(value, dict):
-            raise ValueError("must be a mapping: {method: NAME, <parameter>: value, ...}")
-        value = dict(value)
-        method = value.pop("method", None)
-        if method is not None and not isinstance(method, str):
-            raise _fail("method", "must be the name of a pruning method")
-        default = method is None
-        if default:
-            if model is None:  # the model section is invalid: reported there
-                return {"method": "none", "params": value}
-            method = DEFAULT_METHODS[model.task]
-        from models import METHODS
-
-        if method not in METHODS:
-            what = f"'{method}' (the default for {model.task})" if default else f"'{method}'"
-            raise _fail("method", f"unknown pruning method {what}; available: "
-                                  f"{', '.join(sorted(METHODS))}")
-        return {"method": method, "params": validate_method_params(method, value)}
+        return resolve_pruning(value, info.data.get("model"))
 
     @model_validator(mode="after")
     def _defaults(self) -> "JobSpec":
         if self.name is None:
             self.name = name_from_uri(self.input.uri)
         if self.pruning is None:
-            self.pruning = PruningSpec(method=DEFAULT_METHODS[self.model.task], params={})
+            self.pruning = PruningSpec(**resolve_pruning({}, self.model))
         if self.output.storage is None:
             self.output.storage = self.input.storage.model_copy()
         return self
@@ -318,6 +296,50 @@ class JobSpec(_Strict):
         """The spec as run (defaults filled in), for ``job.json``. It holds no secrets:
         the spec cannot carry any."""
         return self.model_dump(mode="json")
+
+
+def resolve_pruning(value: Any, model: "ModelSpec | None") -> dict[str, Any]:
+    """The ``pruning`` section as given (None, a mapping or a PruningSpec) to
+    ``{method, params}``: the method defaults to the zoo card's ``default_method``, else the
+    task's (DEFAULT_METHODS); parameters to the card's operating point for the method, else
+    the method's own defaults."""
+    if value is None:
+        value = {}
+    if isinstance(value, PruningSpec):
+        value = value.model_dump()
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping: {method: NAME, <parameter>: value, ...}")
+    value = dict(value)
+    method = value.pop("method", None)
+    if method is not None and not isinstance(method, str):
+        raise _fail("method", "must be the name of a pruning method")
+    default = method is None
+    if model is None:  # the model section is invalid: reported there
+        return {"method": method or "none", "params": value}
+    card = card_pruning(model.name)
+    if default:
+        method = card.get("default_method") or DEFAULT_METHODS[model.task]
+    from models import METHODS
+
+    if method not in METHODS:
+        what = f"'{method}' (the default for {model.task})" if default else f"'{method}'"
+        raise _fail("method", f"unknown pruning method {what}; available: "
+                              f"{', '.join(sorted(METHODS))}")
+    # A zoo model's card names the operating point chosen for it (on its validation
+    # split); parameters the spec gives win over it, the method's defaults fill the rest.
+    point = card.get("operating_points", {}).get(method, {})
+    return {"method": method, "params": validate_method_params(method, {**point, **value})}
+
+
+def card_pruning(zoo_name: str | None) -> dict[str, Any]:
+    """The ``pruning`` section of a zoo model's card: ``default_method`` and
+    ``operating_points`` (method -> parameters), or {} (no zoo model, or no such section)."""
+    if zoo_name is None:
+        return {}
+    from models import zoo_entries
+
+    entry = zoo_entries().get(zoo_name)
+    return dict(entry.card.get("pruning") or {}) if entry else {}
 
 
 def validate_method_params(method: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def run_segments(pending: pa.Table, actor_kwargs: dict[str, Any], resources: Res
 
     if pending.num_rows == 0:
         return
+    # vidprune prints its own progress (videos, frames, savings); Ray Data's progress
+    # bars would interleave a dozen lines per update with it on a terminal or in a log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     k = max(1, int(resources.streams_per_actor))
     calls = math.ceil(pending.num_rows / k)
     size = max(1, min(int(resources.actors), calls))

@@ -41,6 +41,7 @@ class VideoObject:
 #: Why a listed name is refused before anything opens it.
 FOLDER = "a folder named like a video, not a video file"
 NOT_REGULAR = "not a regular file (a named pipe, socket or device)"
+BROKEN_LINK = "a symbolic link to a file that does not exist"
 AMBIGUOUS = ("its key has '.', '..' or empty path segments, which other tools resolve to a "
              "different object; vidprune does not read it (rename the object)")
 
@@ -87,6 +88,14 @@ def list_videos(fs: Any, root: str, patterns: list[str] | tuple[str, ...]) -> li
         if not matches(rel, patterns):
             continue
         uri = uri_of(fs, path)
+        if entry.get("islink"):  # a local link: it stands for what it points to
+            try:
+                entry = fs.info(path)  # follows the link
+            except (FileNotFoundError, OSError):
+                out[uri] = VideoObject(uri, 0, "link", BROKEN_LINK)
+                continue
+            kind = entry.get("type")
+            folder = kind == "directory"
         if folder:
             out.setdefault(uri, VideoObject(uri, 0, "folder", FOLDER))
         elif kind != "file":  # opening a named pipe would block forever

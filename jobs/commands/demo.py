@@ -2,8 +2,10 @@
 local output folder.
 
 The demo's videos come from :data:`DEMO_SOURCES`: functions that, given a scratch folder,
-return video files. Add a source (generated clips, say) by appending to it; when the videos
-come from more than one folder they are linked into ``<out>-videos/`` and the job reads that.
+return video files: the real clips shipped in ``jobs/samples/videos`` and two scenes from the
+benchmark generator (``pipeline/synthetic.py``, the kind of video the zoo models were trained
+on), made once into the scratch folder. The videos are linked into ``<out>-videos/`` and the
+job reads that.
 """
 
 from __future__ import annotations
@@ -22,7 +24,28 @@ def sample_clips(scratch: Path) -> list[Path]:
     return sorted(p for p in SAMPLES.iterdir() if p.is_file() and matches(p.name, DEFAULT_PATTERNS))
 
 
-DEMO_SOURCES: list[Callable[[Path], list[Path]]] = [sample_clips]
+#: Generated demo scenes: (file name, seed) of detection videos from the benchmark generator.
+GENERATED = [("generated_scene_0.mp4", 1000), ("generated_scene_1.mp4", 1001)]
+
+
+def generated_clips(scratch: Path) -> list[Path]:
+    """Scenes like those the zoo detector was trained on (seeds outside the benchmark's),
+    written once: a few seconds of CPU."""
+    from pipeline.synthetic import DetectionConfig, render_detection_video, video_rng, write_mp4
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, seed in GENERATED:
+        path = scratch / name
+        if not path.exists():
+            cfg = DetectionConfig(frames=96)
+            frames, _ = render_detection_video(video_rng(seed, "detection", "test", 0), cfg)
+            write_mp4(path, frames, cfg.fps)
+        out.append(path)
+    return out
+
+
+DEMO_SOURCES: list[Callable[[Path], list[Path]]] = [sample_clips, generated_clips]
 
 
 def demo_input(out: Path) -> Path:

@@ -24,6 +24,13 @@ def main(args) -> int:
         task = ARCHS[e.arch].task if e.arch in ARCHS else "?"
         default = " (default)" if DEFAULT_MODELS.get(task) == name else ""
         print(f"  {name:<22} {task:<12} {e.arch:<14} {len(e.class_names)} classes{default}")
+        points = (e.card.get("pruning") or {}).get("operating_points", {})
+        if points:
+            first = e.card["pruning"].get("default_method")
+            order = sorted(points, key=lambda m: (m != first, m))
+            print("    operating points (chosen on val): " + "; ".join(
+                f"{m} " + (", ".join(f"{k}={v}" for k, v in points[m].items()) or "defaults")
+                + (" (default)" if m == first else "") for m in order))
     print("\narchitectures (model.arch, with model.checkpoint):")
     for name, a in sorted(ARCHS.items()):
         print(f"  {name:<22} {a.task:<14} input {a.input_size}")
@@ -31,7 +38,7 @@ def main(args) -> int:
     for name, cls in sorted(METHODS.items()):
         params = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Params))
         tasks = [t for t, m in DEFAULT_METHODS.items() if m == name]
-        default = f" (default for {', '.join(tasks)})" if tasks else ""
+        default = f" (default for {', '.join(tasks)} models without a card)" if tasks else ""
         print(f"  {name:<10} on {'/'.join(sorted(cls.kinds))} models{default}: "
               f"{params or '(no parameters)'}")
     return 0

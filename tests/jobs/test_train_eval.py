@@ -61,6 +61,27 @@ def test_generate_train_resume_eval(tmp_path, task, capsys):
     assert row["frames"] == (10 if task == "detection" else 32)
     assert "| none | dense |" in (out / "results.md").read_text()
     assert (out / "accuracy_vs_gmacs.png").read_bytes()[:4] == b"\x89PNG"
+    if task != "detection":
+        return
+
+    # operating points: chosen on val (test results are refused), written into the card
+    assert main(["choose", str(out / "results.parquet"), "--zoo-dir", str(zoo)]) == 2
+    assert "validation split" in capsys.readouterr().err
+    val = tmp_path / "eval-val"
+    assert main(["eval", "--task", task, "--data", str(data), "--zoo-dir", str(zoo),
+                 "--split", "val", "--out", str(val), "--methods", "eventful",
+                 "--grid", "eventful:r=4,8", "--streams", "2"]) == 0
+    rows = pq.read_table(val / "results.parquet").to_pylist()
+    before = json.loads((zoo / f"{name}.json").read_text())
+    assert main(["choose", str(val / "results.parquet"), "--zoo-dir", str(zoo),
+                 "--tolerance", "100", "--write"]) == 0
+    section = json.loads((zoo / f"{name}.json").read_text())["pruning"]
+    most = max((r for r in rows if r["method"] == "eventful"), key=lambda r: r["savings"])
+    assert section["default_method"] == "eventful"
+    assert section["operating_points"] == {"eventful": {"r": int(most["setting"][2:])}}
+    assert section["chosen_on"]["split"] == "val"
+    after = json.loads((zoo / f"{name}.json").read_text())
+    assert {k: v for k, v in after.items() if k != "pruning"} == before  # nothing else changed
 
 
 def test_user_mistakes_exit_2(tmp_path, capsys):

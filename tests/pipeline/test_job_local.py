@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
+from models import zoo_entries
 from operators.decode import sampled_indices, sampling_ratio
 from pipeline.schemas import DETECTIONS, MANIFEST, SEGMENTS, VIDEOS
 
@@ -19,6 +20,7 @@ SAMPLE_FRAMES = {"decord_flipping_a_pancake.mkv": 310, "mma_test.mp4": 300, "mma
                  "mma_part_0.mp4": 32, "mma_demo_spatiotemporal_det.mp4": 57,
                  "decord_video_90.mov": 3, "decord_unordered.mov": 4,
                  "decord_corrupted.mp4": 50}
+GENERATED_FRAMES = {"generated_scene_0.mp4": 96, "generated_scene_1.mp4": 96}
 
 
 def model_override(model: dict) -> str:
@@ -39,13 +41,14 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
                  "--set", "pruning.method=none", "--set", "decode.fps=5"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "ok 7 · partial 1 · error 0" in captured.out, captured.out
+    assert "ok 9 · partial 1 · error 0" in captured.out, captured.out
     assert f"{out}/videos/videos.parquet" in captured.out
 
     videos = read(out / "videos" / "videos.parquet")
     assert videos.schema == VIDEOS
     rows = {name(v["uri"]): v for v in videos.to_pylist()}
-    assert {k: v["frames_total"] for k, v in rows.items()} == SAMPLE_FRAMES
+    assert {k: v["frames_total"] for k, v in rows.items()} == {**SAMPLE_FRAMES,
+                                                                **GENERATED_FRAMES}
     broken = rows.pop("decord_corrupted.mp4")
     # Frames 0, 2, ... 26 decode (10 fps sampled at 5), then the stream breaks at frame 28.
     assert broken["status"] == "partial" and broken["frames_decoded"] == 14, broken
@@ -69,10 +72,10 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
         if name(uri) == "decord_corrupted.mp4":
             expected = [i for i in expected if i < 28]
         assert got == expected, uri
-    assert len(frames) == 8
+    assert len(frames) == 10
 
     manifest = read(out / "manifest" / "manifest.parquet")
-    assert manifest.schema == MANIFEST and manifest.num_rows == 8
+    assert manifest.schema == MANIFEST and manifest.num_rows == 10
     segments = read(out / "segments")
     assert segments.schema == SEGMENTS
     # One actor, one segment per call: segments started in manifest order (most work first).
@@ -81,9 +84,25 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
     assert order == sorted(order), segments.to_pandas()[["uri", "started_at"]]
 
     job = json.loads((out / "job.json").read_text())
-    assert job["status"] == "finished" and job["segments"]["run"] == 8
+    assert job["status"] == "finished" and job["segments"]["run"] == 10
     assert job["spec"]["output"]["uri"] == str(out) and job["versions"]["ray"]
     assert job["totals"]["videos_partial"] == 1
+
+
+def test_demo_defaults_save_compute(ray_session, tmp_path, capsys):
+    """The demo as a new user runs it: the default zoo model with the pruning its card
+    recommends saves compute on every video, against the same model run densely."""
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--set", "decode.fps=5"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    job = json.loads((out / "job.json").read_text())
+    card = zoo_entries()[job["spec"]["model"]["name"]].card["pruning"]
+    assert job["spec"]["pruning"]["method"] == card["default_method"]
+    for v in read(out / "videos" / "videos.parquet").to_pylist():
+        if v["frames_decoded"] > 1:  # a video's first frame always runs densely
+            assert v["gmacs_run"] < v["gmacs_dense"], v
+    assert job["totals"]["savings"] > 0.2, job["totals"]
 
 
 def write_spec(path, **sections):

@@ -1,5 +1,7 @@
 """Listing, segment manifests and their deterministic ids."""
 
+import os
+
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -75,3 +77,23 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden_files(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         list_videos(LocalFileSystem(), str(tmp_path / "nope"), ["*.mp4"])
     assert matches("x/Y.Mp4", ["*.mp4"]) and not matches("x/y.mp4", ["z/*.mp4"])
+
+
+def test_symbolic_links_are_followed_to_their_files(tmp_path):
+    """Archives are often folders of links (to dedupe, or to pick clips); a link to a file is
+    that file; a broken link or a link to a folder is a row with a clear problem."""
+    store, root = tmp_path / "store", tmp_path / "in"
+    store.mkdir()
+    root.mkdir()
+    (store / "real.mp4").write_bytes(b"12345")
+    (store / "dir.mp4").mkdir()
+    os.symlink(store / "real.mp4", root / "link.mp4")
+    os.symlink(store / "gone.mp4", root / "broken.mp4")
+    os.symlink(store / "dir.mp4", root / "folder_link.mp4")
+    found = {v.uri.rsplit("/", 1)[1]: v for v in list_videos(LocalFileSystem(), str(root),
+                                                              ["*.mp4"])}
+    assert set(found) == {"link.mp4", "broken.mp4", "folder_link.mp4"}
+    assert found["link.mp4"].problem is None and found["link.mp4"].size_bytes == 5
+    assert found["link.mp4"].identity.startswith("size:5:")
+    assert found["broken.mp4"].problem == "a symbolic link to a file that does not exist"
+    assert found["folder_link.mp4"].problem == FOLDER
