@@ -31,6 +31,14 @@ RECIPES = {
 }
 
 
+def _recipe_default(key: str) -> str:
+    """A recipe value for --help: "default 8", or per task when the recipes differ."""
+    values = {task: recipe[key] for task, recipe in RECIPES.items()}
+    if len(set(values.values())) == 1:
+        return f"default {next(iter(values.values())):g}"
+    return "default " + ", ".join(f"{v:g} {task}" for task, v in values.items())
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a zoo model on generated data (resumable)",
@@ -44,10 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="architecture (default per task)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, e.g. depth=8 (repeatable; JSON values)")
-    p.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--batch", type=int, help="batch size")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--steps", type=int, help=f"optimiser steps ({_recipe_default('steps')})")
+    p.add_argument("--batch", type=int, help=f"batch size ({_recipe_default('batch')})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({_recipe_default('lr')})")
+    p.add_argument("--warmup", type=int, default=200,
+                   help="warm-up steps (default 200; at most half the steps)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for forward and loss (faster on CPUs with AMX)")
@@ -58,8 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-videos", type=int, help="use only this many training videos")
     p.add_argument("--eval-limit", type=int, help="evaluate on only this many val/test videos")
     p.add_argument("--no-eval", action="store_true", help="skip the val/test measurement")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--checkpoint-every-s", type=float, default=300.0)
+    p.add_argument("--log-every", type=int, default=20,
+                   help="steps between loss log lines (default 20)")
+    p.add_argument("--checkpoint-every-s", type=float, default=300.0,
+                   help="seconds between checkpoints in --run-dir (default 300)")
     p.set_defaults(func=run)
 
 
