@@ -115,6 +115,13 @@ class Selection:
                                target.gather(-1, index))
         target.scatter_(-1, index, cols.to(target.dtype))
 
+    def zero_padding_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, [h,] K, X) with its padding rows set to zero."""
+        if self.mask is None:
+            return x
+        view = [x.shape[0]] + [1] * (x.ndim - 3) + [self.width, 1]
+        return x * self.mask.view(view).to(x.dtype)
+
     def zero_padding_columns(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with its padding columns (last dimension) set to zero."""
         if self.mask is None:

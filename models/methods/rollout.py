@@ -466,14 +466,12 @@ def _kept_attention(attn: Attention, q: torch.Tensor, kv: torch.Tensor,
         out, probs = attn.core(qh, k, v, grid if rel else None, grid if rel else None, ledger,
                                need_probs=need_probs)
         return attn.merge_heads(out), probs
-    bias = None
+    terms = None
     if rel:
-        rel_h, rel_w = rel_pos_terms_at(qh, index, grid, grid, attn.rel_pos_h, attn.rel_pos_w,
-                                        ledger)
-        bs, heads, m, _ = qh.shape
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(bs, heads, m, k.shape[2])
-        ledger.adds(heads * m * k.shape[2] * 2)  # both terms added to every logit
-    out, probs = attn.core(qh, k, v, None, None, ledger, need_probs=need_probs, attn_bias=bias)
+        terms = rel_pos_terms_at(qh, index, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger)
+        ledger.adds(qh.shape[1] * qh.shape[2] * k.shape[2] * 2)  # both terms, every logit
+    out, probs = attn.core(qh, k, v, None, grid if rel else None, ledger,
+                           need_probs=need_probs, rel_terms=terms)
     return attn.merge_heads(out), probs
 
 

@@ -97,7 +97,7 @@ def test_fewer_tokens_approximate_and_half_precision(clips):
     frames = clips["mma_test.mp4"]
     dense, _ = run_backbone(model, build_method("none"), [frames])
     half, state = run_backbone(model, build_method("eventful", r=196, av_half=True), [frames])
-    assert state.blocks[1].attention.a_ref.dtype == torch.bfloat16
+    assert state.blocks[1].attention.a_ref_t.dtype == torch.bfloat16
     assert_same_tokens(half, dense, atol=2e-2)
     pruned, _ = run_backbone(model, build_method("eventful", r=48), [frames])
     err = [float((p.tokens - d.tokens).abs().mean()) for p, d in zip(pruned, dense)]
