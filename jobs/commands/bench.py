@@ -408,5 +408,5 @@ def _cell(row: dict, key: str) -> str:
             return f"{100 * value:.1f}%"
         if key in ("speedup", "speedup_steady", "frame_speedup", "token_fraction"):
             return f"{value:.2f}"
-        return f"{value:.1f}"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
     return str(value)

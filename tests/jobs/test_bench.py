@@ -1,0 +1,101 @@
+"""``vidprune bench`` on a tiny configuration: the table, its columns and the recorded command
+(no timing assertions: the numbers of a shared test machine mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from models.flops import count_dense
+
+TINY = ["--model", "vitdet-ti", "--resolution", "112", "--option", "depth=4",
+        "--option", "window=7", "--option", "global_blocks=[1,3]", "--option", "neck_channels=32",
+        "--clip-model", "videomae-ti", "--clip-resolution", "112", "--clip-frames", "8",
+        "--clip-option", "depth=3", "--frames", "3", "--clips", "1", "--repeats", "2",
+        "--warmup", "1", "--memory-frames", "2", "--threads", "1"]
+REQUIRED = ["method", "setting", "device", "streams", "gmacs_per_frame", "savings",
+            "latency_ms", "speedup"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", *TINY, "--streams", "2", "--method", "eventful:r=12",
+            "--method", "eventful:r=6,sparse_attention=false", "--method", "stgt:r=6",
+            "--method", "rollout:k=12", "--method", "svit", "--method", "sta:r=4",
+            "--out", str(out)]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_the_table_has_every_method_and_plausible_values(bench_run):
+    out, argv = bench_run
+    table = pq.read_table(out / "bench.parquet")
+    rows = table.to_pylist()
+    assert set(REQUIRED) <= set(table.column_names)
+    assert {"peak_mb_per_stream", "state_mb_per_stream", "gmacs_steady", "frame_speedup"} \
+        <= set(table.column_names)
+    assert [(r["model"], r["method"]) for r in rows] == [
+        ("vitdet-ti", "dense"), ("vitdet-ti", "eventful"), ("vitdet-ti", "eventful"),
+        ("vitdet-ti", "stgt"), ("vitdet-ti", "rollout"), ("vitdet-ti", "svit"),
+        ("videomae-ti", "dense"), ("videomae-ti", "sta")]
+    dense_gmacs = {r["model"]: r["gmacs_per_frame"] for r in rows if r["method"] == "dense"}
+    # the dense row runs what the meta-device count says the model costs
+    expected = count_dense("vitdet-ti", 112, options={"depth": 4, "window": 7,
+                                                      "global_blocks": [1, 3]})
+    assert dense_gmacs["vitdet-ti"] == pytest.approx(expected.backbone_gmacs, rel=1e-9)
+    for r in rows:
+        assert r["device"] == "cpu" and r["streams"] == 2 and r["threads"] == 1
+        assert r["frames"] == (3 if r["model"] == "vitdet-ti" else 8) and r["repeats"] == 2
+        assert r["savings"] == pytest.approx(1 - r["gmacs_per_frame"] / dense_gmacs[r["model"]])
+        assert r["gmacs_reduction"] == pytest.approx(dense_gmacs[r["model"]]
+                                                     / r["gmacs_per_frame"])
+        assert r["latency_ms"] > 0 and r["frame_latency_ms"] >= r["latency_ms"] * 0.5
+        assert r["ms_per_frame"] == pytest.approx(r["latency_ms"] / 2)
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert math.isfinite(r["peak_mb_per_stream"]) and r["peak_kind"] == "peak RSS"
+        if r["method"] == "dense":
+            assert r["speedup"] == 1.0 and r["savings"] == 0.0 and r["state_mb_per_stream"] == 0
+        else:
+            assert 0 < r["savings"] < 1 and r["token_fraction"] < 1
+            # the first frame is dense: the steady state saves more than the average
+            if r["method"] != "svit" and r["model"] == "vitdet-ti":
+                assert r["gmacs_steady"] < r["gmacs_per_frame"]
+    stateful = {r["method"]: r["state_mb_per_stream"] for r in rows}
+    # eventful and rollout carry caches; svit only its last keep fractions
+    assert stateful["eventful"] > 0.1 and stateful["rollout"] > 0.1 and stateful["svit"] < 0.001
+
+
+def test_the_command_line_and_machine_are_recorded(bench_run):
+    out, argv = bench_run
+    meta = json.loads(pq.read_table(out / "bench.parquet").schema.metadata[b"vidprune.bench"])
+    assert meta["command"].startswith("vidprune bench --model vitdet-ti")
+    assert shlex.split(meta["command"])[1:] == argv
+    assert meta["threads"] == 1 and meta["dtype"] == "float32"
+    text = (out / "bench.md").read_text()
+    assert meta["command"] in text
+    assert "| method | setting | device | streams | gmacs_per_frame | savings | latency_ms | " \
+           "speedup |" in text
+    assert "random gate weights" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nonsense"], "unknown method"),
+    (["--method", "eventful:r=0"], "r must be a positive"),
+    (["--method", "rollout:k"], "expected NAME[:KEY=VALUE"),
+    (["--frames", "0"], "--frames must be at least 1"),
+    (["--resolution", "100"], "not a positive multiple"),
+    (["--dtype", "float16"], "needs --device cuda"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--video", "/nonexistent.mp4"], "no such file"),
+])
+def test_user_mistakes_exit_2_without_output(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, *argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
