@@ -306,12 +306,14 @@ class Attention(nn.Module):
 
     def attend(self, qkv: torch.Tensor, grid: Grid, window: int, prefix: int = 0,
                ledger: Ledger | None = None, need_probs: bool = False,
-               key_mask: torch.Tensor | None = None) -> AttentionOutput:
+               key_mask: torch.Tensor | None = None,
+               probs_transient: bool = False) -> AttentionOutput:
         """Dense attention from projected ``qkv`` (B, P+N, 3D); returns merged heads (B, P+N, D).
 
         ``window`` > 0 partitions the 2-D grid into windows (no prefix tokens allowed then).
         ``key_mask`` (B, P+N) bool: False tokens are excluded as keys (learned gates); the
-        window padding stays a key, as in the dense model.
+        window padding stays a key, as in the dense model. ``probs_transient``: see
+        :meth:`core`.
         """
         b = qkv.shape[0]
         if window:
@@ -329,7 +331,8 @@ class Attention(nn.Module):
             q_grid = grid if (self.use_rel_pos and not prefix) else None
         q, k, v = (self.split_heads(t) for t in qkv_w.chunk(3, dim=-1))
         out, probs = self.core(q, k, v, q_grid, q_grid, ledger=ledger,
-                               per_stream=n_windows, need_probs=need_probs, key_mask=key_mask)
+                               per_stream=n_windows, need_probs=need_probs, key_mask=key_mask,
+                               probs_transient=probs_transient)
         out = self.merge_heads(out)
         if window:
             out = window_unpartition(out, b, grid, padded, window)
@@ -339,7 +342,8 @@ class Attention(nn.Module):
              k_grid: Grid | None, ledger: Ledger | None = None, per_stream: int = 1,
              need_probs: bool = False, key_mask: torch.Tensor | None = None,
              attn_bias: torch.Tensor | None = None,
-             rel_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+             rel_terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+             probs_transient: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """softmax(q k^T * scale + rel_pos) v for q (b, h, nq, c), k/v (b, h, nk, c).
 
@@ -351,6 +355,8 @@ class Attention(nn.Module):
         queries against the keys of ``k_grid``, computed and counted (einsums and additions)
         by the caller (queries that are a subset of the grid); added like the terms computed
         here, without building a (b, h, nq, nk) bias when the probabilities are asked for.
+        ``probs_transient``: the caller is done with the probabilities before the next call
+        (at inference they then live in a reused work buffer).
         """
         b, h, nq, c = q.shape
         nk = k.shape[2]
@@ -376,7 +382,11 @@ class Attention(nn.Module):
             # heads split from a packed qkv are strided views: batched products on them copy
             # internally per call and ran 1.5x slower than on one contiguous copy
             k, v = k.contiguous(), v.contiguous()
-            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if probs_transient and not torch.is_grad_enabled():
+                logits = torch.matmul(q * self.scale, k.transpose(-2, -1), out=scratch(
+                    "attention.probs", (b, h, nq, nk), q.dtype, q.device))
+            else:
+                logits = (q * self.scale) @ k.transpose(-2, -1)
             if torch.is_grad_enabled():
                 bias = self._bias(rel, k_grid, attn_bias, neg, (b, h, nq, nk), q)
                 probs = (logits if bias is None else logits + bias).softmax(dim=-1)
@@ -397,6 +407,7 @@ class Attention(nn.Module):
               shape: tuple[int, ...], q: torch.Tensor) -> torch.Tensor | None:
         """What the logits get: relative position, plus ``attn_bias``, plus the key mask.
         At inference the relative-position sum is built in a reused work buffer."""
+        in_buffer = False  # whether ``bias`` is the work buffer (then updated in place)
         if rel is None:
             bias = attn_bias
         else:
@@ -410,10 +421,16 @@ class Attention(nn.Module):
                 bias = scratch("attention.bias", shape, rel_h.dtype, rel_h.device)
                 torch.add(rel_h[..., :, None], rel_w[..., None, :],
                           out=bias.view(*shape[:-1], kh, kw))
+                in_buffer = True
                 if attn_bias is not None:
                     bias += attn_bias
         if neg is not None:
-            bias = neg if bias is None else bias + neg
+            if bias is None:
+                bias = neg
+            elif in_buffer:
+                bias += neg
+            else:
+                bias = bias + neg
         return None if bias is None else bias.to(q.dtype)
 
 

@@ -175,3 +175,22 @@ def test_eventful_sparse_attention_matches_the_plain_update():
             torch.testing.assert_close(cache.a_ref_t.transpose(-2, -1), a_ref,
                                        rtol=1e-5, atol=1e-6)
             qkv = new
+
+
+def test_transient_probabilities_share_a_buffer_and_equal_fresh_ones():
+    """Rollout fuses each block's probabilities before the next block runs; they then live
+    in one reused buffer instead of a new tensor per block."""
+    att = make_attention()
+    grid = (6, 5)
+    q, k, v = qkv_heads(att, 2, 30)
+    with torch.inference_mode():
+        ref_out, ref_p = att.core(q, k, v, grid, grid, need_probs=True)
+        ref_p = ref_p.clone()
+        out, p1 = att.core(q, k, v, grid, grid, need_probs=True, probs_transient=True)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        torch.testing.assert_close(p1, ref_p, rtol=0, atol=0)
+        _, p2 = att.core(q[:, :, :7], k, v, None, grid, need_probs=True, probs_transient=True,
+                         rel_terms=rel_pos_terms_at(q[:, :, :7], torch.arange(7).expand(2, 7),
+                                                    grid, grid, att.rel_pos_h, att.rel_pos_w))
+        assert p2.data_ptr() == p1.data_ptr()
+        torch.testing.assert_close(p2, ref_p[:, :, :7])
