@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,10 +108,11 @@ def _step(c: Contender, frames: Sequence[np.ndarray], state: RunnerState
 
 
 def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence[np.ndarray]],
-                     repeats: int = 3, warmup: int = 2) -> list[Measurement]:
+                     repeats: int = 3, warmup: int = 2,
+                     progress: Callable[[str], None] | None = None) -> list[Measurement]:
     """Step every contender over the same ``streams`` (one frame list per stream, equal
     lengths), interleaved frame by frame, ``repeats`` times after a warm-up of ``warmup``
-    frames each."""
+    frames each. ``progress`` gets a line after the warm-up and each repetition."""
     n_frames = len(streams[0])
     if any(len(s) != n_frames for s in streams):
         raise ValueError("every stream needs the same number of frames")
@@ -125,6 +126,9 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
         for t in range(min(warmup, n_frames)):
             _step(c, frames_at[t], state)
     out = [Measurement(c) for c in contenders]
+    clock = time.perf_counter()
+    if progress:
+        progress("warm-up done")
     for rep in range(repeats):
         order = list(range(len(contenders)))
         order = order[rep % len(order):] + order[:rep % len(order)]
@@ -148,6 +152,8 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
                     _record_work(m, outs, states[i])
                 if last:
                     m.outputs.append(outs)
+        if progress:
+            progress(f"repetition {rep + 1}/{repeats} done ({time.perf_counter() - clock:.0f} s)")
     return out
 
 
@@ -314,6 +320,8 @@ def summarise(measurements: Sequence[Measurement], dense: Measurement) -> list[d
                 row["speedup_min"], row["speedup_max"] = min(ratios), max(ratios)
                 row["ms_per_frame"] = row["latency_ms"] / batch
         row["cpu_ms"] = 1e3 * statistics.median([_mean(r) for r in m.cpu_s])
+        # per frame, the median over repetitions (shows the dense first and refresh frames)
+        row["backbone_ms_by_frame"] = [1e3 * statistics.median(f) for f in zip(*m.backbone_s)]
         row["state_mb_per_stream"] = m.state_bytes / batch / 2**20
         row["peak_mb_per_stream"] = (m.peak_bytes / batch / 2**20
                                      if m.peak_bytes is not None else float("nan"))

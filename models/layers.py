@@ -465,7 +465,10 @@ class Block(nn.Module):
         qkv = self.attn.qkv(self.norm1(x))
         att = self.attn.attend(qkv, grid, self.window, prefix, ledger, need_probs, key_mask)
         x = x + self.attn.proj(att.out)
-        x = x + self.mlp(self.norm2(x), ledger)
+        if torch.is_grad_enabled():
+            x = x + self.mlp(self.norm2(x), ledger)
+        else:  # x is the sum made just above: add into it (no new (B, N, D) tensor)
+            x += self.mlp(self.norm2(x), ledger)
         if ledger is not None:
             ledger.linear(self.attn.qkv, n)
             ledger.linear(self.attn.proj, n)

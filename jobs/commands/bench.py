@@ -40,6 +40,9 @@ DEFAULT_FRAME_POINTS = (
 DEFAULT_CLIP_POINTS = (("sta", {"r": 48 / 196}),)  # the paper's r = 48 at 224
 TOKEN_SHARES = {"r", "k"}
 CLIP_METHODS = {"sta"}
+#: Environment variables that change how the CPU threads behave (recorded with the results).
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+              "KMP_BLOCKTIME", "MALLOC_ARENA_MAX", "LD_PRELOAD")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -232,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": _machine(device),
         "torch": torch.__version__,
         "threads": args.threads,
+        "environment": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "dtype": args.dtype,
         "videos": [str(v) for v in videos],
         "notes": notes,
@@ -294,7 +298,10 @@ def _bench_group(args, kind: str, specs, videos, device, dtype, notes, build_met
     print(f"vidprune bench: {label}: dense + {len(specs)} method(s), {args.streams} stream(s) x "
           f"{frames} frames x {args.repeats} repetitions", file=sys.stderr, flush=True)
     try:
-        measurements = run_side_by_side(contenders, streams, args.repeats, args.warmup)
+        measurements = run_side_by_side(
+            contenders, streams, args.repeats, args.warmup,
+            progress=lambda line: print(f"vidprune bench: {name}: {line}", file=sys.stderr,
+                                        flush=True))
     except MethodError as exc:
         raise UserError(str(exc)) from None
     if args.memory_frames:
@@ -373,7 +380,8 @@ def _atomic(path: Path, write) -> None:
 
 
 def format_markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"```\n{meta['command']}\n```", ""]
+    env = " ".join(f"{k}={v}" for k, v in meta.get("environment", {}).items())
+    lines = [f"```\n{env + ' ' if env else ''}{meta['command']}\n```", ""]
     lines.append(f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} threads, "
                  f"{meta['dtype']}; started {meta['started']}, {meta['elapsed_s']} s; load "
                  f"average {meta['load_before'][0]} before, {meta['load_after'][0]} after.")

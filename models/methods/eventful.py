@@ -42,6 +42,11 @@ from .base import Method, MethodState, StepContext
 from .gates import Buffer, Gate, GateParams, Selection, count_linear, count_rows
 
 
+#: Elements of the T x T product that :meth:`Eventful._softmax_columns` handles at a time
+#: (2 MB of float32: one core's L2 cache on the machine it was tuned on).
+ROW_BLOCK_ELEMENTS = 1 << 19
+
+
 @dataclass
 class AttentionCache:
     """Sparse global attention state: the query-key product without relative position
@@ -161,7 +166,7 @@ class Eventful(Method):
         c = blk.norm2(x)
         bs.mlp_gate.flush(c)
         bs.mlp.fill(blk.mlp(c, ledger))
-        x = bs.mlp.add_to(x)
+        x = bs.mlp.add_to(x, in_place=True)  # x is the sum made just above
         ledger.adds(2 * t * d)  # the two residual additions
         ledger.processed(t)
         return x
@@ -193,7 +198,7 @@ class Eventful(Method):
         bs.mlp.update(sel, blk.mlp(rows), ledger)
         count_linear(ledger, blk.mlp.fc1, sel)
         count_linear(ledger, blk.mlp.fc2, sel)
-        x = bs.mlp.add_to(x)
+        x = bs.mlp.add_to(x, in_place=True)  # x is the sum made just above
         ledger.adds(2 * t * d)
         ledger.processed(sel.count)
         return x
@@ -221,6 +226,49 @@ class Eventful(Method):
         torch.add(qk.view(*lead, kh, kw), rel_h[..., :, None], out=out.view(*lead, kh, kw))
         out.view(*lead, kh, kw).add_(rel_w[..., None, :])
         return softmax_(out)
+
+    def _softmax_columns(self, blk: Block, cache: AttentionCache, q: torch.Tensor,
+                         sel: Selection, grid: Grid, prefix: int, ledger: Ledger
+                         ) -> torch.Tensor:
+        """The columns ``sel`` (B, h, T, K) of the softmax of the cached product plus
+        relative position: :meth:`_logits`, then the columns.
+
+        On the CPU the dense softmax runs block of rows by block of rows: each block of the
+        T x T product is read from memory once, its logits and softmax stay in a cache-sized
+        work buffer, and no T x T result is written (four passes over the whole matrix were
+        the largest cost of a global block). Row-wise operations on row blocks: the same
+        numbers as on the whole matrix.
+        """
+        qk = cache.qk
+        if qk.device.type != "cpu" or torch.is_grad_enabled():
+            return sel.columns(self._logits(blk, cache, q, grid, prefix, ledger, transient=True))
+        attn = blk.attn
+        b, h, t, _ = qk.shape
+        rel = None
+        if attn.use_rel_pos and not prefix:
+            rel = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
+                                per_stream=h)
+            ledger.adds(h * t * t * 2)  # both terms added to every logit
+        width = sel.width
+        out = torch.empty(b, h, t, width, dtype=qk.dtype, device=qk.device)
+        rows = max(1, ROW_BLOCK_ELEMENTS // t)
+        buf = scratch("eventful.rows", (rows, t), qk.dtype, qk.device)
+        for i in range(b):
+            src, dst, index = qk[i].view(h * t, t), out[i].view(h * t, width), sel.index[i]
+            for r0 in range(0, h * t, rows):
+                r1 = min(r0 + rows, h * t)
+                block = buf[: r1 - r0]
+                if rel is None:
+                    softmax_(src[r0:r1], out=block)
+                else:
+                    kh, kw = grid
+                    terms = block.view(-1, kh, kw)
+                    torch.add(src[r0:r1].view(-1, kh, kw),
+                              rel[0][i].reshape(h * t, kh)[r0:r1, :, None], out=terms)
+                    terms += rel[1][i].reshape(h * t, kw)[r0:r1, None, :]
+                    softmax_(block)
+                torch.index_select(block, 1, index, out=dst[r0:r1])
+        return out
 
     def _av_dtype(self, x: torch.Tensor) -> torch.dtype:
         if not self.params.av_half:
@@ -261,15 +309,14 @@ class Eventful(Method):
         sel.write_columns(cache.qk, (q * attn.scale) @ k_s.transpose(-2, -1))
         count_rows(ledger, sel, 2 * h * t * c, "backbone")
         count_rows(ledger, sel, 2 * h * t, "overhead")  # rows and columns written
-        a = self._logits(blk, cache, q, grid, prefix, ledger, transient=True)
+        a_s = self._softmax_columns(blk, cache, q, sel, grid, prefix, ledger)  # (B, h, T, K)
 
         # attention-value product: out += A_new[:, S] dv + dA v_ref[S]; the columns S of
         # A_ref are rows of its transpose
-        a_s = sel.columns(a)                                       # (B, h, T, K)
         a_s_t = scratch("eventful.columns", a_s.shape[:2] + a_s.shape[:1:-1], a_s.dtype,
                         a_s.device)
         a_s_t = _copy(a_s_t, a_s.transpose(-2, -1))               # (B, h, K, T)
-        d_a_t = sel.zero_padding_rows(a_s_t - sel.rows(cache.a_ref_t).to(a.dtype))
+        d_a_t = sel.zero_padding_rows(a_s_t - sel.rows(cache.a_ref_t).to(a_s.dtype))
         d_v = v_s - v_ref                                          # zero on padding rows
         half = self._av_dtype(v)
         out = cache.out

@@ -425,7 +425,7 @@ class Rollout(Method):
                 row_index = index
             state.cache[layer] = cache
             xk = xk + blk.attn.proj(out)
-            xk = xk + blk.mlp(blk.norm2(xk), ledger)
+            xk += blk.mlp(blk.norm2(xk), ledger)  # into the sum just made (inference only)
             ledger.linear(blk.attn.qkv, m)
             ledger.linear(blk.attn.proj, m)
             ledger.adds(2 * m * d)

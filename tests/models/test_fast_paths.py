@@ -194,3 +194,31 @@ def test_transient_probabilities_share_a_buffer_and_equal_fresh_ones():
                                                     grid, grid, att.rel_pos_h, att.rel_pos_w))
         assert p2.data_ptr() == p1.data_ptr()
         torch.testing.assert_close(p2, ref_p[:, :, :7])
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_eventful_softmax_columns_by_row_blocks_equal_the_whole_matrix(monkeypatch, prefix):
+    """The dense softmax computed block of rows by block of rows (several blocks here, one
+    stream with a ragged selection) gives exactly the whole-matrix numbers."""
+    from models.methods import eventful
+
+    torch.manual_seed(0)
+    backbone = vitdet_backbone("ti", img_size=96, window=3, depth=2, global_blocks=(1,)).eval()
+    blk = backbone.blocks[1]
+    with torch.no_grad():
+        blk.attn.rel_pos_h.normal_(std=0.3)
+        blk.attn.rel_pos_w.normal_(std=0.3)
+    method = build_method("eventful", r=7)
+    grid, t = (6, 6), 36
+    cache = AttentionCache(qk=torch.randn(2, blk.attn.num_heads, t, t))
+    q = torch.randn(2, blk.attn.num_heads, t, blk.attn.head_dim)
+    sel = Selection(torch.stack([torch.arange(0, 35, 5), torch.arange(1, 8)]),
+                    torch.tensor([[True] * 7, [True] * 4 + [False] * 3]))
+    with torch.inference_mode():
+        led_whole, led_blocks = Ledger(2), Ledger(2)
+        whole = sel.columns(method._logits(blk, cache, q, grid, prefix, led_whole,
+                                           transient=True)).clone()
+        monkeypatch.setattr(eventful, "ROW_BLOCK_ELEMENTS", 5 * t)  # blocks of 5 rows
+        blocks = method._softmax_columns(blk, cache, q, sel, grid, prefix, led_blocks)
+    assert torch.equal(blocks, whole)
+    assert torch.equal(led_blocks.run_macs(), led_whole.run_macs())
