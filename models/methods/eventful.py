@@ -231,44 +231,51 @@ class Eventful(Method):
                          sel: Selection, grid: Grid, prefix: int, ledger: Ledger
                          ) -> torch.Tensor:
         """The columns ``sel`` (B, h, T, K) of the softmax of the cached product plus
-        relative position: :meth:`_logits`, then the columns.
-
-        On the CPU the dense softmax runs block of rows by block of rows: each block of the
-        T x T product is read from memory once, its logits and softmax stay in a cache-sized
-        work buffer, and no T x T result is written (four passes over the whole matrix were
-        the largest cost of a global block). Row-wise operations on row blocks: the same
-        numbers as on the whole matrix.
-        """
+        relative position (:meth:`_logits`, then the columns; by blocks of rows on the CPU)."""
         qk = cache.qk
-        if qk.device.type != "cpu" or torch.is_grad_enabled():
+        if not _by_blocks(qk):
             return sel.columns(self._logits(blk, cache, q, grid, prefix, ledger, transient=True))
+        b, h, t, _ = qk.shape
+        out = torch.empty(b, h, t, sel.width, dtype=qk.dtype, device=qk.device)
+        for i, j, r0, block in self._softmax_blocks(blk, cache, q, grid, prefix, ledger):
+            torch.index_select(block, 1, sel.index[i], out=out[i, j, r0:r0 + block.shape[0]])
+        return out
+
+    def _softmax_blocks(self, blk: Block, cache: AttentionCache, q: torch.Tensor, grid: Grid,
+                        prefix: int, ledger: Ledger):
+        """:meth:`_logits` by blocks of rows: yields ``(stream, head, first row, block)``, the
+        block (n, T) of softmax rows in a work buffer that the next block overwrites.
+
+        Each block of the T x T product is read from memory once and its logits and softmax
+        stay in a cache-sized buffer, where four passes over whole T x T matrices (add each
+        relative-position term, softmax, read the result) were the largest cost of a global
+        block. Row-wise operations on blocks of rows: the same numbers as on the whole matrix.
+        """
         attn = blk.attn
+        qk = cache.qk
         b, h, t, _ = qk.shape
         rel = None
         if attn.use_rel_pos and not prefix:
             rel = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
                                 per_stream=h)
             ledger.adds(h * t * t * 2)  # both terms added to every logit
-        width = sel.width
-        out = torch.empty(b, h, t, width, dtype=qk.dtype, device=qk.device)
         rows = max(1, ROW_BLOCK_ELEMENTS // t)
         buf = scratch("eventful.rows", (rows, t), qk.dtype, qk.device)
         for i in range(b):
-            src, dst, index = qk[i].view(h * t, t), out[i].view(h * t, width), sel.index[i]
-            for r0 in range(0, h * t, rows):
-                r1 = min(r0 + rows, h * t)
-                block = buf[: r1 - r0]
-                if rel is None:
-                    softmax_(src[r0:r1], out=block)
-                else:
-                    kh, kw = grid
-                    terms = block.view(-1, kh, kw)
-                    torch.add(src[r0:r1].view(-1, kh, kw),
-                              rel[0][i].reshape(h * t, kh)[r0:r1, :, None], out=terms)
-                    terms += rel[1][i].reshape(h * t, kw)[r0:r1, None, :]
-                    softmax_(block)
-                torch.index_select(block, 1, index, out=dst[r0:r1])
-        return out
+            for j in range(h):
+                for r0 in range(0, t, rows):
+                    r1 = min(r0 + rows, t)
+                    block = buf[: r1 - r0]
+                    if rel is None:
+                        softmax_(qk[i, j, r0:r1], out=block)
+                    else:
+                        kh, kw = grid
+                        terms = block.view(-1, kh, kw)
+                        torch.add(qk[i, j, r0:r1].view(-1, kh, kw), rel[0][i, j, r0:r1, :, None],
+                                  out=terms)
+                        terms += rel[1][i, j, r0:r1, None, :]
+                        softmax_(block)
+                    yield i, j, r0, block
 
     def _av_dtype(self, x: torch.Tensor) -> torch.dtype:
         if not self.params.av_half:
@@ -282,12 +289,26 @@ class Eventful(Method):
         h, t, c = q.shape[1], q.shape[2], q.shape[3]
         cache.qk = (q * attn.scale) @ k.transpose(-2, -1)
         ledger.matmul(h * t * t, c)
-        # the softmax is transient: the state keeps its transpose
-        a = self._logits(blk, cache, q, grid, prefix, ledger, transient=True)
-        a = a.to(self._av_dtype(v))
-        cache.a_ref_t = a.transpose(-2, -1).contiguous()
-        cache.out = (a @ v.to(a.dtype)).to(v.dtype)
-        ledger.matmul(h * t * c, t)
+        half = self._av_dtype(v)
+        ledger.matmul(h * t * c, t)  # A v
+        if not _by_blocks(cache.qk):
+            # the softmax is transient: the state keeps its transpose
+            a = self._logits(blk, cache, q, grid, prefix, ledger, transient=True).to(half)
+            cache.a_ref_t = a.transpose(-2, -1).contiguous()
+            cache.out = (a @ v.to(half)).to(v.dtype)
+            return attn.merge_heads(cache.out.clone())
+        # by blocks of rows: each block's softmax goes transposed into A_ref and times v into
+        # the output while it is in cache (no T x T softmax is written, nor transposed whole)
+        b = q.shape[0]
+        cache.a_ref_t = torch.empty(b, h, t, t, dtype=half, device=q.device)
+        out = torch.empty(b, h, t, c, dtype=half, device=q.device)
+        v_half = v.to(half).contiguous()
+        for i, j, r0, block in self._softmax_blocks(blk, cache, q, grid, prefix, ledger):
+            r1 = r0 + block.shape[0]
+            block = block.to(half)
+            cache.a_ref_t[i, j, :, r0:r1].copy_(block.t())
+            torch.matmul(block, v_half[i, j], out=out[i, j, r0:r1])
+        cache.out = out.to(v.dtype)
         return attn.merge_heads(cache.out.clone())
 
     def _sparse_attention(self, blk: Block, cache: AttentionCache, qkv: torch.Tensor,
@@ -328,6 +349,12 @@ class Eventful(Method):
         count_rows(ledger, sel, h * t + h * c + h * t, "overhead")
         ledger.add(2 * h * t * c, "overhead")
         return attn.merge_heads(out.clone())
+
+
+def _by_blocks(qk: torch.Tensor) -> bool:
+    """Whether the global-attention softmax runs by blocks of rows: on the CPU at inference
+    (a GPU wants one large kernel, not a loop of small ones)."""
+    return qk.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def _copy(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -222,3 +222,36 @@ def test_eventful_softmax_columns_by_row_blocks_equal_the_whole_matrix(monkeypat
         blocks = method._softmax_columns(blk, cache, q, sel, grid, prefix, led_blocks)
     assert torch.equal(blocks, whole)
     assert torch.equal(led_blocks.run_macs(), led_whole.run_macs())
+
+
+@pytest.mark.parametrize("av_half", [False, True])
+def test_eventful_first_frame_by_row_blocks_fills_the_state(monkeypatch, av_half):
+    """A stream's first frame in a global block, by blocks of rows: the cached product, the
+    transposed attention matrix and the output are the plain formulas' (several blocks)."""
+    from models.methods import eventful
+
+    torch.manual_seed(0)
+    backbone = vitdet_backbone("ti", img_size=96, window=3, depth=2, global_blocks=(1,)).eval()
+    blk = backbone.blocks[1]
+    attn = blk.attn
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(std=0.3)
+        attn.rel_pos_w.normal_(std=0.3)
+    method = build_method("eventful", r=7, av_half=av_half)
+    grid, t = (6, 6), 36
+    qkv = torch.randn(2, t, 3 * backbone.dim)
+    monkeypatch.setattr(eventful, "ROW_BLOCK_ELEMENTS", 7 * t)  # blocks of 7 rows
+    cache = AttentionCache()
+    with torch.inference_mode():
+        merged = method._dense_attention(blk, cache, qkv, grid, 0, Ledger(2))
+    q, k, v = (attn.split_heads(z) for z in qkv.chunk(3, dim=-1))
+    rh, rw = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w)
+    qk = (q * attn.scale) @ k.transpose(-2, -1)
+    a = (qk + (rh[..., :, None] + rw[..., None, :]).reshape(2, attn.num_heads, t, t)).softmax(-1)
+    half = torch.bfloat16 if av_half else torch.float32
+    tol = {"rtol": 2e-2, "atol": 2e-2} if av_half else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(cache.qk, qk)
+    assert cache.a_ref_t.dtype == half
+    torch.testing.assert_close(cache.a_ref_t.float(), a.transpose(-2, -1), **tol)
+    torch.testing.assert_close(cache.out, a @ v, **tol)
+    torch.testing.assert_close(merged, attn.merge_heads(a @ v), **tol)
