@@ -22,3 +22,10 @@ def parse_key_values(items: list[str], flag: str = "--option") -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def add_dashboard_address(parser) -> None:
+    """``--address`` of the commands that talk to a cluster's Ray Jobs API."""
+    parser.add_argument("--address", default=None,
+                        help="the Ray dashboard, e.g. http://HEAD:8265 (default: "
+                             "$RAY_API_SERVER_ADDRESS)")

@@ -148,10 +148,11 @@ class ZooEntry:
     card: dict[str, Any]
 
 
-def zoo_entries() -> dict[str, ZooEntry]:
-    """Every model shipped in ``models/zoo`` (a ``.json`` card beside its ``.safetensors``)."""
+def zoo_entries(zoo_dir: str | Path | None = None) -> dict[str, ZooEntry]:
+    """Every model shipped in ``models/zoo`` (a ``.json`` card beside its ``.safetensors``),
+    or in ``zoo_dir`` (a freshly trained model not shipped yet)."""
     out = {}
-    for card_path in sorted(ZOO_DIR.glob("*.json")):
+    for card_path in sorted(Path(zoo_dir or ZOO_DIR).glob("*.json")):
         card = json.loads(card_path.read_text())
         name = card_path.stem
         out[name] = ZooEntry(name, card["arch"], card.get("options", {}), card["class_names"],
@@ -159,9 +160,9 @@ def zoo_entries() -> dict[str, ZooEntry]:
     return out
 
 
-def build_zoo_model(name: str) -> nn.Module:
-    """A zoo model with its trained weights."""
-    entries = zoo_entries()
+def build_zoo_model(name: str, zoo_dir: str | Path | None = None) -> nn.Module:
+    """A zoo model with its trained weights (from ``models/zoo`` or ``zoo_dir``)."""
+    entries = zoo_entries(zoo_dir)
     if name not in entries:
         avail = ", ".join(sorted(entries)) or "(none shipped)"
         raise ModelError(f"unknown zoo model {name!r}; available: {avail}")

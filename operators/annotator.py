@@ -139,6 +139,9 @@ class AnnotatorActor:
         self.device_name = self.device if self.device == "cpu" else \
             f"cuda ({torch.cuda.get_device_name(torch.cuda.current_device())})"
         self.node_id, self.actor_id = _ray_identity()
+        from .metrics import JobMetrics
+
+        self.metrics = JobMetrics(job.get("name", "-"), model_label(model), method)
 
     # -- Ray Data entry point -------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -165,6 +168,7 @@ class AnnotatorActor:
         for s in streams:
             stats = self._stats(s)
             self.writer.write(s.row["segment_id"], s.columns, stats)
+            self.metrics.segment_done(stats)
             out.append(stats)
         return out
 

@@ -11,6 +11,13 @@ names, endpoints, credentials and presigned signatures never appear in URLs, log
 Memory is bounded: a response is sent in chunks of at most ``chunk_bytes``, each one ranged
 read, and a client that goes away (FFmpeg drops the connection when it seeks) just ends the
 response.
+
+Each ranged read is retried with backoff on transient store errors (``operators/retry.py``);
+one that still fails cuts the response short, which the decoder reports as the segment's
+error. With a :class:`operators.cache.ChunkCache` (the shared proxy uses the node's), reads
+are whole aligned chunks kept on local disk: decord reads every packet of a file each time it
+opens it, and the cache turns the N opens of a video split into N segments into one fetch
+per node.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class _Object:
     fs: Any
     path: str
     size: int
+    key: str | None = None  # its key in the chunk cache (None: not cached)
 
 
 class _Server(ThreadingHTTPServer):
@@ -48,11 +56,15 @@ class _Server(ThreadingHTTPServer):
 class RangeProxy:
     """Serve registered fsspec objects on ``127.0.0.1`` for the life of the process."""
 
-    def __init__(self, chunk_bytes: int = 4 << 20):
+    def __init__(self, chunk_bytes: int = 4 << 20, cache: Any = None, backoff: Any = None):
         self.chunk_bytes = chunk_bytes
+        self.cache = cache
+        self.backoff = backoff
         self._objects: dict[str, _Object] = {}
         self._lock = threading.Lock()
-        self.requests = 0  # ranged reads served (for tests and diagnostics)
+        self.requests = 0       # ranged reads served (for tests and diagnostics)
+        self.bytes_served = 0   # bytes sent to clients
+        self.bytes_fetched = 0  # bytes read from the store (cache misses only)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,9 +109,9 @@ class RangeProxy:
                 pos = start
                 try:
                     while pos < end:
-                        stop = min(end, pos + proxy.chunk_bytes)
-                        data = obj.fs.cat_file(obj.path, start=pos, end=stop)
+                        data = proxy._read(obj, pos, end)
                         proxy.requests += 1
+                        proxy.bytes_served += len(data)
                         if not data:
                             break
                         self.wfile.write(data)
@@ -120,15 +132,44 @@ class RangeProxy:
                                         name="vidprune-range-proxy")
         self._thread.start()
 
+    def _read(self, obj: _Object, pos: int, end: int) -> bytes:
+        """Bytes from ``pos`` up to at most one chunk (never past ``end``)."""
+        from .retry import retry
+
+        def fetch(start: int, stop: int) -> bytes:
+            data = retry(lambda: obj.fs.cat_file(obj.path, start=start, end=stop),
+                         f"reading bytes {start}-{stop - 1} of a video", self.backoff)
+            self.bytes_fetched += len(data)
+            return data
+
+        if obj.key is None:
+            return fetch(pos, min(end, pos + self.chunk_bytes))
+        size = self.chunk_bytes
+        index = pos // size
+        first = index * size
+        chunk = self.cache.get(obj.key, index,
+                               lambda: fetch(first, min(obj.size, first + size)))
+        return chunk[pos - first:min(end, first + size) - first]
+
     def register(self, fs: Any, path: str, size: int | None = None) -> str:
         """A loopback URL that serves ``path`` of ``fs``. The object's size comes from
         ``fs.info`` unless given (a missing object raises ``FileNotFoundError`` here, with
-        a clear message, rather than as an opaque decoder error later)."""
-        if size is None:
-            size = int(fs.info(path)["size"])
+        a clear message, rather than as an opaque decoder error later); with a cache, so
+        does its identity (its cache key must change when the object does)."""
+        key = None
+        if size is None or self.cache is not None:
+            from .retry import retry
+
+            info = retry(lambda: fs.info(path), "looking up a video", self.backoff)
+            size = int(info["size"])
+            if self.cache is not None:
+                from .cache import object_identity, object_key
+
+                key = object_key(f"{getattr(fs, 'protocol', '')}:{path}", size,
+                                 object_identity(info))
         token = secrets.token_urlsafe(16)
         with self._lock:
-            self._objects[token] = _Object(fs, path, int(size))
+            self._objects[token] = _Object(fs, path, int(size), key)
         ext = posixpath.splitext(path)[1].lower()
         # The extension (only) helps FFmpeg pick a demuxer; the name itself stays private.
         ext = ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else ""
@@ -167,9 +208,12 @@ _PROXY_LOCK = threading.Lock()
 
 
 def shared_proxy() -> RangeProxy:
-    """The process's proxy, started on first use."""
+    """The process's proxy, started on first use, with the node's chunk cache
+    (``operators/cache.py``)."""
     global _PROXY
     with _PROXY_LOCK:
         if _PROXY is None:
-            _PROXY = RangeProxy()
+            from .cache import cache_from_env
+
+            _PROXY = RangeProxy(cache=cache_from_env())
         return _PROXY

@@ -3,11 +3,15 @@
 With neither ``--address`` nor ``RAY_ADDRESS``, Ray starts inside the job's process and its
 workers find the project through ``PYTHONPATH``. With an address, the job connects to that
 cluster and ships the project's packages with it (``py_modules``), so worker nodes need
-only the dependencies installed.
+only the dependencies installed. A job started by the Ray Jobs API (``vidprune submit``)
+already runs inside the runtime environment its submission carried (the packages, the spec,
+forwarded variables): it connects without one of its own, which Ray would refuse as a
+conflict.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,8 +26,34 @@ def connect(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keep_sigterm_handler():
+        _init(address)
+    return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit``; a caller that installed
+    its own (``vidprune run`` records a stopped job as interrupted) keeps it."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None) -> None:
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if inside_submitted_job():
+        ray.init(address=address or "auto", configure_logging=False)
+    elif address:
         import importlib
 
         modules = [importlib.import_module(name) for name in PACKAGES]
@@ -34,13 +64,26 @@ def connect(address: str | None = None) -> bool:
                                if p)
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False,
                  configure_logging=False)
-    return True
+
+
+def inside_submitted_job() -> bool:
+    """True in the entrypoint of a job submitted through the Ray Jobs API."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def shutdown() -> None:
     import ray
 
     ray.shutdown()
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected cluster that are alive (0 when Ray is not initialised)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def cluster_gpus() -> float:

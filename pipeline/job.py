@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .graph import Resources, run_segments
-from .listing import VideoObject, list_videos, probe_videos
+from .listing import VideoObject, list_videos, probe_videos, probe_videos_on_cluster
 from .manifest import build_manifest, fingerprint
 from .outputs import (ANNOTATIONS, JOB_FILE, KNOWN_ENTRIES, MANIFEST_FILE, SEGMENTS_DIR,
                       VIDEOS_FILE, SegmentWriter, completed_segments, read_manifest,
@@ -350,7 +350,7 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
     log(f"{spec.name}: probing {len(plan.videos)} video(s) under {spec.input.uri}"
         + (f" ({sum((v.uri, v.identity) in known for v in plan.videos)} known from the "
            "earlier run)" if known else ""))
-    probes = probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known)
+    probes = _probe(plan, known, log)
     manifest = build_manifest(probes, spec.decode.segment_frames, plan.fingerprint,
                               fps=spec.decode.fps,
                               frame_stride=spec.decode.frame_stride
@@ -374,15 +374,20 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
         "model": plan.model, "method": plan.method, "params": plan.params,
         "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride},
         "input_fs": plan.input_fs, "writer": SegmentWriter(out, plan.task),
-        "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint},
+        "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint, "name": spec.name},
         "checkpoint_fs": plan.checkpoint_fs,
     }
     r = spec.resources
+    from operators.metrics import JobMetrics
+
+    metrics = JobMetrics(spec.name, plan.model_label, plan.method)
     try:
         for row in run_segments(pending, actor_kwargs, Resources(
                 r.actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor)):
             processed.append(row["segment_id"])
+            done = progress.done
             progress.update(row)
+            metrics.videos_done(progress.done - done)
     except BaseException as exc:  # recorded in job.json, then raised again below
         error = exc
 
@@ -439,5 +444,22 @@ def _remove_stale(out: Location, ids: set[str]) -> None:
         out.remove_files(folder, stale)
 
 
+CLUSTER_PROBE_MIN_VIDEOS = 32
+
+
 def _probe_workers() -> int:
     return min(16, (os.cpu_count() or 2) * 2)
+
+
+def _probe(plan: Plan, known: dict[tuple[str, str], dict[str, Any]], log: Log
+           ) -> list[dict[str, Any]]:
+    """Probe on the driver, or spread over the nodes of a multi-node cluster."""
+    from . import cluster
+
+    nodes = cluster.alive_nodes()
+    unknown = sum((v.uri, v.identity) not in known for v in plan.videos)
+    # A task costs a worker process start; for a handful of videos the driver is quicker.
+    if nodes > 1 and unknown >= CLUSTER_PROBE_MIN_VIDEOS:
+        log(f"{plan.spec.name}: probing {unknown} video(s) in Ray tasks across {nodes} nodes")
+        return probe_videos_on_cluster(plan.input_fs, plan.videos, nodes, known=known)
+    return probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known)

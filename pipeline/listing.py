@@ -1,13 +1,21 @@
-"""Finding the videos of a job and probing them (on the driver, in a thread pool).
+"""Finding the videos of a job and probing them (in a thread pool, or spread over a Ray
+cluster's nodes).
 
-A probe opens a video with decord exactly as the annotator will (local path, or the loopback
-range proxy for object stores) and records what segmentation needs: frames, frame rate,
-duration and frame size. A probe that fails is not fatal: the video becomes an error row.
+A probe records what segmentation needs: frames, frame rate, duration and frame size. For
+MP4/MOV files it reads the container header (``operators/headers.py``: a few reads instead
+of the whole file); for other containers it opens the video with decord exactly as the
+annotator will (local path, or the loopback range proxy for object stores), which reads the
+whole file. A probe that fails is not fatal: the video becomes an error row.
+
+On a cluster, :func:`probe_videos_on_cluster` spreads the probes over the nodes in Ray
+tasks, so the reads (whole files for decord's probes) are not all funnelled through the
+driver's network link.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +82,7 @@ def probe_videos(fs: Any, videos: list[VideoObject], workers: int = 8,
     whose identity is unchanged has not changed). Results are in the order of ``videos``."""
     known = known or {}
     from operators.decode import clean_error, probe
+    from operators.headers import header_probe
 
     done = 0
     lock = threading.Lock()
@@ -87,6 +96,7 @@ def probe_videos(fs: Any, videos: list[VideoObject], workers: int = 8,
             if video.size_bytes == 0:
                 raise ValueError("empty file (0 bytes)")
             row.update(known.get((video.uri, video.identity))
+                       or header_probe(fs, video.uri, video.size_bytes)
                        or probe(fs, video.uri, video.size_bytes))
         except Exception as exc:
             row["probe_error"] = clean_error(exc, uri=video.uri)
@@ -98,3 +108,32 @@ def probe_videos(fs: Any, videos: list[VideoObject], workers: int = 8,
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, videos))
+
+
+def _probe_batch(fs: Any, videos: list[VideoObject]) -> list[dict[str, Any]]:
+    return probe_videos(fs, videos, workers=8)
+
+
+def probe_videos_on_cluster(fs: Any, videos: list[VideoObject], nodes: int,
+                            known: dict[tuple[str, str], dict[str, Any]] | None = None
+                            ) -> list[dict[str, Any]]:
+    """:func:`probe_videos`, with the videos not in ``known`` probed by Ray tasks spread
+    over the cluster (about two tasks per node, at least 8 videos each, each probing its
+    share in a thread pool). Results are in the order of ``videos``."""
+    import ray
+
+    known = known or {}
+    todo = [v for v in videos if (v.uri, v.identity) not in known]
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    if todo:
+        size = max(8, min(256, math.ceil(len(todo) / (2 * max(1, nodes)))))
+        task = ray.remote(_probe_batch).options(num_cpus=1, scheduling_strategy="SPREAD",
+                                                max_retries=3)
+        refs = [task.remote(fs, todo[i:i + size]) for i in range(0, len(todo), size)]
+        for rows in ray.get(refs):
+            for row in rows:
+                results[(row["uri"], row["identity"])] = row
+    rest = [v for v in videos if (v.uri, v.identity) in known]
+    for row in probe_videos(fs, rest, known=known):
+        results[(row["uri"], row["identity"])] = row
+    return [results[(v.uri, v.identity)] for v in videos]

@@ -7,7 +7,10 @@ environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN
 roles), so a filesystem object carries no secret when it is pickled to a Ray worker.
 
 Writes of small files are atomic for readers: one PUT on an object store (an object appears
-whole or not at all), a temporary name then ``os.replace`` on a local disk.
+whole or not at all), a temporary name then ``os.replace`` on a local disk. A
+:class:`Location`'s reads, writes and listings are retried with backoff on transient errors
+(``operators/retry.py``); a write that still fails raises, so a segment whose results could
+not be stored is never marked complete.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from operators.cache import object_identity as identity  # noqa: F401  (re-exported)
+from operators.retry import retry
 
 SCHEMES = ("file", "s3")
 
@@ -68,18 +74,6 @@ def uri_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else f"s3://{path}"
 
 
-def identity(info: dict[str, Any]) -> str:
-    """What changes when an object's content changes: the ETag on object stores, size and
-    modification time on local disks."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return f"etag:{str(etag).strip(chr(34))}"
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-    if hasattr(mtime, "timestamp"):
-        mtime = mtime.timestamp()
-    return f"size:{info.get('size')}:mtime:{mtime}"
-
-
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that no reader ever sees a partial file."""
     if is_local(fs):
@@ -117,10 +111,12 @@ class Location:
         return uri_of(self.fs, self.path(*parts))
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        write_atomic(self.fs, self.path(name), data)
+        path = self.path(name)
+        retry(lambda: write_atomic(self.fs, path, data), f"writing {self.uri_for(name)}")
 
     def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
+        path = self.path(name)
+        return retry(lambda: self.fs.cat_file(path), f"reading {self.uri_for(name)}")
 
     def exists(self, name: str = "") -> bool:
         return self.fs.exists(self.path(name) if name else self.root)
@@ -128,7 +124,8 @@ class Location:
     def entries(self) -> list[str]:
         """Names directly under the root (empty when the root does not exist)."""
         try:
-            listed = self.fs.ls(self.root, detail=False)
+            listed = retry(lambda: self.fs.ls(self.root, detail=False),
+                           f"listing {self.uri}")
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in listed
@@ -137,7 +134,8 @@ class Location:
     def files(self, folder: str) -> list[str]:
         """Names of the files in ``folder`` (not recursive; empty when it does not exist)."""
         try:
-            listed = self.fs.ls(self.path(folder), detail=True)
+            listed = retry(lambda: self.fs.ls(self.path(folder), detail=True),
+                           f"listing {self.uri_for(folder)}")
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e["name"].rstrip("/")) for e in listed

@@ -3,11 +3,13 @@ one local Ray instance for the whole test session."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,11 @@ from pathlib import Path
 # loaded 2-core machine spin against each other (measured 10-25x slower). Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# The node-local chunk cache of video ranges (operators/cache.py): one per test session,
+# removed at exit, instead of the machine's shared one.
+_CACHE_DIR = tempfile.mkdtemp(prefix="vidprune-test-cache-")
+os.environ.setdefault("VIDPRUNE_CACHE_DIR", _CACHE_DIR)
+atexit.register(shutil.rmtree, _CACHE_DIR, True)
 
 import pytest  # noqa: E402
 

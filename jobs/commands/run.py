@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from typing import Any
@@ -39,6 +40,26 @@ def main(args) -> int:
     return run_spec(spec, notes, address=args.address, dry_run=args.dry_run)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """``vidprune stop``, Ray's job stop and Kubernetes end a driver with SIGTERM: handle it
+    as Ctrl-C while the job runs, so it records itself as interrupted in job.json."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_spec(spec: Any, notes: list[str] = (), address: str | None = None,
              dry_run: bool = False) -> int:
     """Run a validated spec and print its summary; the exit code (see ``jobs/cli.py``)."""
@@ -54,7 +75,8 @@ def run_spec(spec: Any, notes: list[str] = (), address: str | None = None,
                   f"{plan.params}; output {spec.output.uri} (mode {spec.output.mode}"
                   f"{', resuming' if plan.previous else ''}). Nothing was written.")
             return 0
-        result = run_job(spec, address=address)
+        with _sigterm_as_interrupt():
+            result = run_job(spec, address=address)
     except JobRefused as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:

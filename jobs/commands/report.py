@@ -1,0 +1,67 @@
+"""``vidprune report OUTPUT_URI [OUTPUT_URI ...]``: the savings report of job outputs."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="the savings report of one or more job outputs",
+        description="Read job outputs (local folders or s3:// prefixes) and write "
+                    "summary.json, report.html (self-contained) and PNG plots: totals, "
+                    "savings, estimated GPU-hours saved, per node, actor, model and method, "
+                    "failures. Several outputs are compared side by side. Works on a job "
+                    "that is still running or died: it reports what is complete.")
+    p.add_argument("outputs", nargs="+", metavar="OUTPUT_URI", help="job output locations")
+    p.add_argument("--out", default=None,
+                   help="where to write the report (default: OUTPUT_URI/report for one "
+                        "output, ./vidprune-report for several)")
+    p.add_argument("--html", default=None, metavar="PATH",
+                   help="also write the HTML page to this local file")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint of the outputs (as storage.endpoint_url)")
+    p.add_argument("--region", default=None, help="the bucket's region, when needed")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from pipeline.report import REPORT_DIR, load_output, render_html, write_report
+    from pipeline.storage import Location, StorageError
+
+    from ..errors import UserError
+    from ..spec import _check_uri
+
+    storage = {"endpoint_url": args.endpoint_url, "region": args.region}
+    outputs = []
+    for uri in args.outputs:
+        try:
+            location = Location.open(_check_uri(uri), **storage)
+            outputs.append(load_output(location))
+        except (StorageError, OSError, ValueError) as exc:
+            raise UserError(f"cannot read the output {uri}: "
+                            f"{' '.join(str(exc).split())[:500]}") from None
+    if args.out:
+        target = Location.open(_check_uri(args.out), **storage)
+    elif len(outputs) == 1:
+        target = Location(outputs[0].location.fs,
+                          outputs[0].location.path(REPORT_DIR),
+                          outputs[0].location.uri_for(REPORT_DIR))
+    else:
+        target = Location.open(str(Path("vidprune-report").resolve()))
+    summary = write_report(outputs, target)
+    if args.html:
+        html_path = Path(args.html)
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_bytes(target.read_bytes("report.html"))
+    for s in summary["outputs"]:
+        t = s["totals"]
+        print(f"{s['label']}: {t['videos']:,d} videos ({t['videos_ok']:,d} ok), "
+              f"{t['frames_decoded']:,d} frames, {t['hours_of_video']:.3f} h of video, "
+              f"savings {100 * t['savings']:.1f}%, est. GPU-hours saved "
+              f"{s['estimate']['gpu_hours_saved_est']:.3g}, CPU-hours saved "
+              f"{s['estimate']['cpu_hours_saved_est']:.3g}; segments "
+              f"{s['segments']['complete']}/{s['segments']['total']} complete")
+    print(f"report: {target.uri_for('report.html')} (and summary.json, "
+          f"{len(summary['files']) - 2} plots)")
+    return 0
