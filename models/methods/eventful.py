@@ -5,7 +5,8 @@ projection and before the MLP, gates after the LayerNorms -- so the token-wise o
 the tokens whose input changed most since they were last updated; the residual stream stays
 dense. Global-attention blocks (ViTDet's global blocks, every block of a plain ViT) also update
 attention sparsely: the rows and columns of the cached query-key product for the updated set S,
-relative position added afterwards, softmax recomputed densely, and the attention-value product
+each with its relative-position terms (the cache holds the logits, see AttentionCache), softmax
+recomputed densely, and the attention-value product
 corrected with ``A_new[:, S] dv + dA v_ref[S]`` (changes of A outside the columns S are
 ignored, as in the paper). Windowed blocks recompute their attention on the buffered qkv. A
 stream's first frame runs densely and fills every buffer.
@@ -22,8 +23,9 @@ model's precision.
 
 Counting (METHODS.md section 0): token-wise ops count their selected rows; the sparse
 query-key update counts ``2 x heads x |S| x T x head_dim``, the attention-value correction
-``2 x heads x T x |S| x head_dim``; relative position and softmax run densely and count as in
-the dense model. Overhead: gate errors and norms, the subtractions and additions of the
+``2 x heads x T x |S| x head_dim``; the relative-position einsums run for every query (as in
+the dense model), their terms are added to the rows and columns S only; softmax runs densely
+(not counted, as in the dense model). Overhead: gate errors and norms, the subtractions and additions of the
 attention-value correction, and every element written into a reference, buffer or attention
 cache on incremental frames.
 """
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layers import Block, Grid, add_rel_pos, rel_pos_terms, scratch, softmax_
+from ..layers import Block, Grid, add_rel_pos, add_rel_pos_, rel_pos_terms, scratch, softmax_
 from ..ledger import Ledger
 from ..vit import Embedded, ViT
 from . import register
@@ -49,18 +51,24 @@ ROW_BLOCK_ELEMENTS = 1 << 19
 
 @dataclass
 class AttentionCache:
-    """Sparse global attention state: the query-key product without relative position
-    ``qk`` (B, h, T, T), the attention matrix whose columns were last used, stored transposed
-    as ``a_ref_t`` (B, h, T keys, T queries) so that reading and writing the columns of the
-    updated tokens touches contiguous rows, and the attention-value output ``out``
-    (B, h, T, c)."""
+    """Sparse global attention state: the attention logits ``logits`` (B, h, T, T), the
+    scaled query-key product with relative position added, the attention matrix whose
+    columns were last used, stored transposed as ``a_ref_t`` (B, h, T keys, T queries) so
+    that reading and writing the columns of the updated tokens touches contiguous rows, and
+    the attention-value output ``out`` (B, h, T, c).
 
-    qk: torch.Tensor | None = None
+    The logits are cached with relative position included because both terms of a logit
+    depend only on its query and its key's position: the rows of the queries that did not
+    change keep their terms, so only the rows and columns ``S`` that are rewritten need them
+    again (the same numbers as adding them to the whole product every frame, where that
+    dense addition cost more than the sparse products it follows)."""
+
+    logits: torch.Tensor | None = None
     a_ref_t: torch.Tensor | None = None
     out: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.qk = self.a_ref_t = self.out = None
+        self.logits = self.a_ref_t = self.out = None
 
 
 @dataclass
@@ -97,7 +105,7 @@ class EventfulState(MethodState):
             tensors += [b.qkv_gate.ref, b.proj_gate.ref, b.mlp_gate.ref, b.qkv.value,
                         b.proj.value, b.mlp.value]
             if b.attention is not None:
-                tensors += [b.attention.qk, b.attention.a_ref_t, b.attention.out]
+                tensors += [b.attention.logits, b.attention.a_ref_t, b.attention.out]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -204,78 +212,55 @@ class Eventful(Method):
         return x
 
     # -- global attention ---------------------------------------------------------------------
-    def _logits(self, blk: Block, cache: AttentionCache, q: torch.Tensor, grid: Grid,
-                prefix: int, ledger: Ledger, transient: bool) -> torch.Tensor:
-        """Softmax of the cached product plus relative position, which is added into a new
-        tensor, never into the cache. ``transient``: the caller is done with the result
-        before the next block (it then lives in a reused work buffer)."""
-        attn = blk.attn
-        qk = cache.qk
-        out = scratch("eventful.attention", qk.shape, qk.dtype, qk.device) if transient \
-            else torch.empty_like(qk)
-        if not (attn.use_rel_pos and not prefix):
-            return softmax_(qk, out=out)
-        h, t = q.shape[1], q.shape[2]
-        rel_h, rel_w = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
-                                     per_stream=h)
-        ledger.adds(h * t * t * 2)  # both terms added to every logit
-        if torch.is_grad_enabled():  # outside inference (counting on the meta device)
-            return add_rel_pos(qk, rel_h, rel_w, grid).softmax(dim=-1)
-        kh, kw = grid
-        lead = qk.shape[:-1]
-        torch.add(qk.view(*lead, kh, kw), rel_h[..., :, None], out=out.view(*lead, kh, kw))
-        out.view(*lead, kh, kw).add_(rel_w[..., None, :])
-        return softmax_(out)
+    def _logits(self, cache: AttentionCache, transient: bool) -> torch.Tensor:
+        """Softmax of the cached logits (relative position included) into a new tensor,
+        never into the cache. ``transient``: the caller is done with the result before the
+        next block (it then lives in a reused work buffer)."""
+        logits = cache.logits
+        out = scratch("eventful.attention", logits.shape, logits.dtype, logits.device) \
+            if transient else torch.empty_like(logits)
+        return softmax_(logits, out=out)
 
-    def _softmax_columns(self, blk: Block, cache: AttentionCache, q: torch.Tensor,
-                         sel: Selection, grid: Grid, prefix: int, ledger: Ledger
-                         ) -> torch.Tensor:
-        """The columns ``sel`` (B, h, T, K) of the softmax of the cached product plus
-        relative position (:meth:`_logits`, then the columns; by blocks of rows on the CPU)."""
-        qk = cache.qk
-        if not _by_blocks(qk):
-            return sel.columns(self._logits(blk, cache, q, grid, prefix, ledger, transient=True))
-        b, h, t, _ = qk.shape
-        out = torch.empty(b, h, t, sel.width, dtype=qk.dtype, device=qk.device)
-        for i, j, r0, block in self._softmax_blocks(blk, cache, q, grid, prefix, ledger):
+    def _rel_terms(self, blk: Block, q: torch.Tensor, grid: Grid, prefix: int,
+                   ledger: Ledger) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both relative-position terms of every query (None where the block has none)."""
+        attn = blk.attn
+        if not (attn.use_rel_pos and not prefix):
+            return None
+        return rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
+                             per_stream=q.shape[1])
+
+    def _softmax_columns(self, cache: AttentionCache, sel: Selection) -> torch.Tensor:
+        """The columns ``sel`` (B, h, T, K) of the softmax of the cached logits (by blocks of
+        rows on the CPU)."""
+        logits = cache.logits
+        if not _by_blocks(logits):
+            return sel.columns(self._logits(cache, transient=True))
+        b, h, t, _ = logits.shape
+        out = torch.empty(b, h, t, sel.width, dtype=logits.dtype, device=logits.device)
+        for i, j, r0, block in self._softmax_blocks(cache):
             torch.index_select(block, 1, sel.index[i], out=out[i, j, r0:r0 + block.shape[0]])
         return out
 
-    def _softmax_blocks(self, blk: Block, cache: AttentionCache, q: torch.Tensor, grid: Grid,
-                        prefix: int, ledger: Ledger):
-        """:meth:`_logits` by blocks of rows: yields ``(stream, head, first row, block)``, the
-        block (n, T) of softmax rows in a work buffer that the next block overwrites.
+    def _softmax_blocks(self, cache: AttentionCache):
+        """The softmax of the cached logits by blocks of rows: yields ``(stream, head, first
+        row, block)``, the block (n, T) of softmax rows in a work buffer that the next block
+        overwrites.
 
-        Each block of the T x T product is read from memory once and its logits and softmax
-        stay in a cache-sized buffer, where four passes over whole T x T matrices (add each
-        relative-position term, softmax, read the result) were the largest cost of a global
-        block. Row-wise operations on blocks of rows: the same numbers as on the whole matrix.
+        Each block of the T x T logits is read from memory once and its softmax stays in a
+        cache-sized buffer, where passes over whole T x T matrices (softmax, then reading the
+        result) were the largest cost of a global block. Row-wise: the same numbers as on the
+        whole matrix.
         """
-        attn = blk.attn
-        qk = cache.qk
-        b, h, t, _ = qk.shape
-        rel = None
-        if attn.use_rel_pos and not prefix:
-            rel = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
-                                per_stream=h)
-            ledger.adds(h * t * t * 2)  # both terms added to every logit
+        logits = cache.logits
+        b, h, t, _ = logits.shape
         rows = max(1, ROW_BLOCK_ELEMENTS // t)
-        buf = scratch("eventful.rows", (rows, t), qk.dtype, qk.device)
+        buf = scratch("eventful.rows", (rows, t), logits.dtype, logits.device)
         for i in range(b):
             for j in range(h):
                 for r0 in range(0, t, rows):
                     r1 = min(r0 + rows, t)
-                    block = buf[: r1 - r0]
-                    if rel is None:
-                        softmax_(qk[i, j, r0:r1], out=block)
-                    else:
-                        kh, kw = grid
-                        terms = block.view(-1, kh, kw)
-                        torch.add(qk[i, j, r0:r1].view(-1, kh, kw), rel[0][i, j, r0:r1, :, None],
-                                  out=terms)
-                        terms += rel[1][i, j, r0:r1, None, :]
-                        softmax_(block)
-                    yield i, j, r0, block
+                    yield i, j, r0, softmax_(logits[i, j, r0:r1], out=buf[: r1 - r0])
 
     def _av_dtype(self, x: torch.Tensor) -> torch.dtype:
         if not self.params.av_half:
@@ -287,13 +272,19 @@ class Eventful(Method):
         attn = blk.attn
         q, k, v = (attn.split_heads(z) for z in qkv.chunk(3, dim=-1))
         h, t, c = q.shape[1], q.shape[2], q.shape[3]
-        cache.qk = (q * attn.scale) @ k.transpose(-2, -1)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
         ledger.matmul(h * t * t, c)
+        rel = self._rel_terms(blk, q, grid, prefix, ledger)
+        if rel is not None:
+            ledger.adds(h * t * t * 2)  # both terms added to every logit
+            add = add_rel_pos if torch.is_grad_enabled() else add_rel_pos_
+            logits = add(logits, *rel, grid)
+        cache.logits = logits
         half = self._av_dtype(v)
         ledger.matmul(h * t * c, t)  # A v
-        if not _by_blocks(cache.qk):
+        if not _by_blocks(logits):
             # the softmax is transient: the state keeps its transpose
-            a = self._logits(blk, cache, q, grid, prefix, ledger, transient=True).to(half)
+            a = self._logits(cache, transient=True).to(half)
             cache.a_ref_t = a.transpose(-2, -1).contiguous()
             cache.out = (a @ v.to(half)).to(v.dtype)
             return attn.merge_heads(cache.out.clone())
@@ -303,7 +294,7 @@ class Eventful(Method):
         cache.a_ref_t = torch.empty(b, h, t, t, dtype=half, device=q.device)
         out = torch.empty(b, h, t, c, dtype=half, device=q.device)
         v_half = v.to(half).contiguous()
-        for i, j, r0, block in self._softmax_blocks(blk, cache, q, grid, prefix, ledger):
+        for i, j, r0, block in self._softmax_blocks(cache):
             r1 = r0 + block.shape[0]
             block = block.to(half)
             cache.a_ref_t[i, j, :, r0:r1].copy_(block.t())
@@ -325,12 +316,24 @@ class Eventful(Method):
         v_ref = attn.split_heads(qkv_old.chunk(3, dim=-1)[2])
         h, t, c = q.shape[1], q.shape[2], q.shape[3]
 
-        # query-key product: rows S, then columns S (the S x S block is computed twice)
-        sel.write_rows(cache.qk, (q_s * attn.scale) @ k.transpose(-2, -1))
-        sel.write_columns(cache.qk, (q * attn.scale) @ k_s.transpose(-2, -1))
+        # query-key product: rows S, then columns S (the S x S block is computed twice),
+        # each with its relative-position terms (the other logits keep theirs, see
+        # AttentionCache)
+        rows = (q_s * attn.scale) @ k.transpose(-2, -1)             # (B, h, K, T)
+        cols = (q * attn.scale) @ k_s.transpose(-2, -1)             # (B, h, T, K)
         count_rows(ledger, sel, 2 * h * t * c, "backbone")
+        rel = self._rel_terms(blk, q, grid, prefix, ledger)
+        if rel is not None:
+            rel_h, rel_w = rel                          # (B, h, T, kh), (B, h, T, kw)
+            kw = grid[1]
+            rows = add_rel_pos_(rows, sel.rows(rel_h), sel.rows(rel_w), grid)
+            cols = cols + rel_h.gather(-1, sel.column_index(cols.shape, sel.index // kw))
+            cols += rel_w.gather(-1, sel.column_index(cols.shape, sel.index % kw))
+            count_rows(ledger, sel, 2 * 2 * h * t, "backbone")  # both terms, rows and columns
+        sel.write_rows(cache.logits, rows)
+        sel.write_columns(cache.logits, cols)
         count_rows(ledger, sel, 2 * h * t, "overhead")  # rows and columns written
-        a_s = self._softmax_columns(blk, cache, q, sel, grid, prefix, ledger)  # (B, h, T, K)
+        a_s = self._softmax_columns(cache, sel)                    # (B, h, T, K)
 
         # attention-value product: out += A_new[:, S] dv + dA v_ref[S]; the columns S of
         # A_ref are rows of its transpose

@@ -99,20 +99,22 @@ class Selection:
             0, flat.reshape(-1), rows.reshape(-1, target.shape[-1]).to(target.dtype))
 
     # -- columns ------------------------------------------------------------------------------
-    def _col_index(self, shape: torch.Size, of: torch.Tensor) -> torch.Tensor:
+    def column_index(self, shape: torch.Size, of: torch.Tensor) -> torch.Tensor:
+        """``of`` (B, K), one value per selected token, expanded to index the last dimension
+        of a tensor of ``shape`` (B, ..., X) with ``gather``/``scatter``."""
         view = [shape[0]] + [1] * (len(shape) - 2) + [self.width]
         return of.view(view).expand(*shape[:-1], self.width)
 
     def columns(self, x: torch.Tensor) -> torch.Tensor:
         """The selected columns (last dimension) of ``x``."""
-        return x.gather(-1, self._col_index(x.shape, self.index))
+        return x.gather(-1, self.column_index(x.shape, self.index))
 
     def write_columns(self, target: torch.Tensor, cols: torch.Tensor) -> None:
         """Write ``cols`` into the selected columns of ``target`` in place; padding columns
         write the target's own old values back, so they change nothing."""
-        index = self._col_index(target.shape, self.index)
+        index = self.column_index(target.shape, self.index)
         if self.mask is not None:
-            cols = torch.where(self._col_index(target.shape, self.mask), cols,
+            cols = torch.where(self.column_index(target.shape, self.mask), cols,
                                target.gather(-1, index))
         target.scatter_(-1, index, cols.to(target.dtype))
 
@@ -127,7 +129,7 @@ class Selection:
         """``x`` with its padding columns (last dimension) set to zero."""
         if self.mask is None:
             return x
-        return x * self._col_index(x.shape, self.mask).to(x.dtype)
+        return x * self.column_index(x.shape, self.mask).to(x.dtype)
 
 
 def count_rows(ledger: Ledger, sel: Selection, per_row: int, category: str) -> None:

@@ -123,8 +123,9 @@ def reference_sparse_update(qk, a_old, out_old, q, k, v_old, v_new, index, scale
 
 
 def test_eventful_sparse_attention_matches_the_plain_update():
-    """The cached query-key product, the attention matrix kept transposed, the work-buffer
-    softmax and the row/column exchanges give the paper's update (two steps, two streams)."""
+    """The cached logits (relative position rewritten for the rows and columns S only), the
+    attention matrix kept transposed, the work-buffer softmax and the row/column exchanges
+    give the paper's update (two steps, two streams)."""
     torch.manual_seed(0)
     backbone = vitdet_backbone("ti", img_size=96, window=3, depth=2, global_blocks=(1,)).eval()
     blk = backbone.blocks[1]
@@ -166,7 +167,9 @@ def test_eventful_sparse_attention_matches_the_plain_update():
             v_old = split(qkv)[2]
             qk_ref, a_new, out_ref = reference_sparse_update(
                 qk_ref, a_ref, out_ref, q, k, v_old, v_new, index, attn.scale, rel_of(new))
-            torch.testing.assert_close(cache.qk, qk_ref, rtol=1e-5, atol=1e-5)
+            # the cache holds the logits: the product plus this frame's relative position
+            torch.testing.assert_close(cache.logits, qk_ref + rel_of(new), rtol=1e-5,
+                                       atol=1e-5)
             torch.testing.assert_close(cache.out, out_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(merged, attn.merge_heads(out_ref), rtol=1e-5, atol=1e-5)
             # A_ref: columns S from this frame, the others as they were
@@ -196,37 +199,28 @@ def test_transient_probabilities_share_a_buffer_and_equal_fresh_ones():
         torch.testing.assert_close(p2, ref_p[:, :, :7])
 
 
-@pytest.mark.parametrize("prefix", [0, 1])
-def test_eventful_softmax_columns_by_row_blocks_equal_the_whole_matrix(monkeypatch, prefix):
+def test_eventful_softmax_columns_by_row_blocks_equal_the_whole_matrix(monkeypatch):
     """The dense softmax computed block of rows by block of rows (several blocks here, one
     stream with a ragged selection) gives exactly the whole-matrix numbers."""
     from models.methods import eventful
 
     torch.manual_seed(0)
-    backbone = vitdet_backbone("ti", img_size=96, window=3, depth=2, global_blocks=(1,)).eval()
-    blk = backbone.blocks[1]
-    with torch.no_grad():
-        blk.attn.rel_pos_h.normal_(std=0.3)
-        blk.attn.rel_pos_w.normal_(std=0.3)
     method = build_method("eventful", r=7)
-    grid, t = (6, 6), 36
-    cache = AttentionCache(qk=torch.randn(2, blk.attn.num_heads, t, t))
-    q = torch.randn(2, blk.attn.num_heads, t, blk.attn.head_dim)
+    t = 36
+    cache = AttentionCache(logits=torch.randn(2, 3, t, t))
     sel = Selection(torch.stack([torch.arange(0, 35, 5), torch.arange(1, 8)]),
                     torch.tensor([[True] * 7, [True] * 4 + [False] * 3]))
     with torch.inference_mode():
-        led_whole, led_blocks = Ledger(2), Ledger(2)
-        whole = sel.columns(method._logits(blk, cache, q, grid, prefix, led_whole,
-                                           transient=True)).clone()
+        whole = sel.columns(method._logits(cache, transient=True)).clone()
         monkeypatch.setattr(eventful, "ROW_BLOCK_ELEMENTS", 5 * t)  # blocks of 5 rows
-        blocks = method._softmax_columns(blk, cache, q, sel, grid, prefix, led_blocks)
+        blocks = method._softmax_columns(cache, sel)
     assert torch.equal(blocks, whole)
-    assert torch.equal(led_blocks.run_macs(), led_whole.run_macs())
+    torch.testing.assert_close(whole, sel.columns(cache.logits.softmax(-1)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("av_half", [False, True])
 def test_eventful_first_frame_by_row_blocks_fills_the_state(monkeypatch, av_half):
-    """A stream's first frame in a global block, by blocks of rows: the cached product, the
+    """A stream's first frame in a global block, by blocks of rows: the cached logits, the
     transposed attention matrix and the output are the plain formulas' (several blocks)."""
     from models.methods import eventful
 
@@ -250,7 +244,8 @@ def test_eventful_first_frame_by_row_blocks_fills_the_state(monkeypatch, av_half
     a = (qk + (rh[..., :, None] + rw[..., None, :]).reshape(2, attn.num_heads, t, t)).softmax(-1)
     half = torch.bfloat16 if av_half else torch.float32
     tol = {"rtol": 2e-2, "atol": 2e-2} if av_half else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(cache.qk, qk)
+    torch.testing.assert_close(cache.logits, qk + (rh[..., :, None] + rw[..., None, :]).reshape(
+        2, attn.num_heads, t, t))
     assert cache.a_ref_t.dtype == half
     torch.testing.assert_close(cache.a_ref_t.float(), a.transpose(-2, -1), **tol)
     torch.testing.assert_close(cache.out, a @ v, **tol)
