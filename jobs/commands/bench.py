@@ -45,14 +45,27 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_T
               "KMP_BLOCKTIME", "MALLOC_ARENA_MAX", "LD_PRELOAD")
 
 
+def _points_text(points) -> str:
+    def value(k, v):
+        return f"{v:.4g}N" if k in TOKEN_SHARES and isinstance(v, float) else _value_text(v)
+
+    return "; ".join(name + (":" + ",".join(f"{k}={value(k, v)}" for k, v in params.items())
+                             if params else "") for name, params in points)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="speed and memory of the pruning methods against dense, side by side",
         description="Time the dense model and the pruning methods on real frames, interleaved "
-                    "frame by frame and repeated, and write a table (Parquet and Markdown) of "
-                    "GMACs per frame, savings, latency and speedup (median of per-repetition "
-                    "ratios), with state and peak memory per stream. One MAC counts as one "
-                    "FLOP, as in the papers.")
+                    "frame by frame and repeated, and write a table of GMACs per frame, "
+                    "savings, latency and speedup (median of per-repetition ratios), with "
+                    "state and peak memory per stream, to <out>/bench.parquet and "
+                    "<out>/bench.md with the command line. One MAC counts as one FLOP, as in "
+                    "the papers.",
+        epilog="Default operating points (N: tokens of one frame's grid, e.g. 1764 at 672): "
+               f"{_points_text(DEFAULT_FRAME_POINTS)} on --model (svit: an architecture gets "
+               f"random SViT gates, a zoo model runs svit only if it has gates); {_points_text(DEFAULT_CLIP_POINTS)} on --clip-model (N: tokens of "
+               "one time slice, 196 at 224). Dense always runs.")
     p.add_argument("--model", default="vitdet-s",
                    help="frame model for eventful/stgt/rollout/svit: an architecture or a zoo "
                         "model (default vitdet-s, random weights)")
@@ -62,7 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="architecture option of the frame model, VALUE as JSON (repeatable)")
     p.add_argument("--clip-model", default="videomae-s",
                    help="clip model for sta (default videomae-s, random weights)")
-    p.add_argument("--clip-resolution", type=int, default=224, metavar="PIXELS")
+    p.add_argument("--clip-resolution", type=int, default=224, metavar="PIXELS",
+                   help="square input size of the clip model (default 224)")
     p.add_argument("--clip-frames", type=int, default=16, help="frames per clip (default 16)")
     p.add_argument("--clip-option", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option of the clip model (repeatable)")
@@ -70,8 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="clips per stream and repetition for clip methods (default 2)")
     p.add_argument("--method", action="append", default=[], metavar="NAME[:K=V,...]",
                    help="a method and its parameters, e.g. eventful:r=256,sparse_attention=false "
-                        "or rollout:k=384 (repeatable; default: a set of operating points, see "
-                        "docs/BENCHMARKS.md); dense always runs")
+                        "or rollout:k=384 (repeatable; default: the points below)")
     p.add_argument("--svit-gates", metavar="JSON",
                    help="SViT gate spec added to an architecture without gates (default: the "
                         "authors' layout, random gate weights: the keep ratio is whatever they "
@@ -88,7 +101,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="frames of the untimed memory pass per contender (default 4; 0: skip)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model precision (default float32; float16 on CUDA only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--out", default="vidprune-output/bench",
                    help="output folder for bench.parquet and bench.md "

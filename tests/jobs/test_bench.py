@@ -11,7 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
+from models import build_method, build_model
+from models.benchmark import Contender, Measurement, summarise, timed_runner
 from models.flops import count_dense
+from models.runner import StepOutput
 
 TINY = ["--model", "vitdet-ti", "--resolution", "112", "--option", "depth=4",
         "--option", "window=7", "--option", "global_blocks=[1,3]", "--option", "neck_channels=32",
@@ -82,6 +85,59 @@ def test_the_command_line_and_machine_are_recorded(bench_run):
     assert "| method | setting | device | streams | gmacs_per_frame | savings | latency_ms | " \
            "speedup |" in text
     assert "random gate weights" in text
+
+
+def test_speedups_are_per_repetition_ratios_of_measured_times():
+    """``summarise`` on hand-set times: the speedup is the median over repetitions of dense's
+    mean time over the method's on the same frames (not a ratio of medians, and not GMACs)."""
+    model = build_model(arch="vitdet-ti", input_size=64, depth=1, window=2, global_blocks=[0])
+    dense = Measurement(Contender("dense", "-", timed_runner(model, build_method("none"))))
+    pruned = Measurement(Contender("eventful", "r=4", timed_runner(
+        model, build_method("eventful", r=4))))
+    for m, times, gmacs in ((dense, [[2.0, 2.0, 2.0], [4.0, 4.0, 4.0], [3.0, 3.0, 3.0]],
+                             [1.0, 1.0, 1.0]),
+                            (pruned, [[3.0, 1.0, 1.0], [4.0, 4.0, 4.0], [3.0, 1.5, 1.5]],
+                             [1.0, 0.25, 0.25])):
+        m.backbone_s = times
+        m.step_s = [[t + 0.5 for t in rep] for rep in times]
+        m.cpu_s = times
+        m.gmacs, m.gmacs_dense = gmacs, [1.0] * 3
+        m.tokens, m.tokens_dense = gmacs, [1.0] * 3
+        m.outputs = [[StepOutput(), StepOutput()]]  # two streams
+    rows = summarise([dense, pruned], dense)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["latency_ms"] == pytest.approx(3000)
+    row = rows[1]
+    # per repetition: 2 / (5/3), 4 / 4, 3 / 2 -> median 1.2; a ratio of the median latencies
+    # (3 s / 2 s) would give 1.5
+    assert row["speedup"] == pytest.approx(1.2)
+    assert row["latency_ms"] == pytest.approx(2000) and row["ms_per_frame"] == 1000
+    assert (row["speedup_min"], row["speedup_max"]) == pytest.approx((1.0, 1.5))
+    # frames after the first: 2 / 1, 4 / 4, 3 / 1.5
+    assert row["speedup_steady"] == pytest.approx(2.0)
+    # the whole step: 2.5 / (13/6), 4.5 / 4.5, 3.5 / 2.5
+    assert row["frame_speedup"] == pytest.approx(2.5 / (13 / 6))
+    assert row["gmacs_per_frame"] == pytest.approx(0.5) and row["savings"] == pytest.approx(0.5)
+    assert row["gmacs_steady"] == pytest.approx(0.25)
+    assert row["backbone_ms_by_frame"] == pytest.approx([3000, 1500, 1500])
+
+
+def test_help_describes_the_table_and_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("GMACs per frame, savings, latency and speedup", "bench.parquet",
+                  "--model MODEL", "default vitdet-s", "--threads THREADS", "default 2",
+                  "--method NAME[:K=V,...]", "--streams STREAMS", "--out OUT"):
+        assert words in text
+
+
+def test_malformed_numbers_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--frames", "many", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
