@@ -36,6 +36,10 @@ DEFAULT_PATTERNS = ["*.mp4", "*.mkv", "*.avi", "*.mov", "*.webm", "*.m4v", "*.mp
 _SCHEMES = ("file", "s3")
 _CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "session")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Today's rules are lower case, digits, '.' and '-'; older us-east-1 buckets may also have
+# capitals and '_'.
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 class SpecError(UserError):
@@ -49,7 +53,7 @@ class SpecError(UserError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def _fail(key: str, message: str) -> ValidationError:
@@ -63,6 +67,8 @@ def _check_uri(uri: str) -> str:
     uri = uri.strip()
     if not uri:
         raise ValueError("must not be empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in uri) or "\x00" in uri:
+        raise ValueError("must not contain control characters")
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
     if scheme not in _SCHEMES:
         raise ValueError(f"unsupported scheme {scheme!r}: use a local path or s3://bucket/prefix")
@@ -70,9 +76,17 @@ def _check_uri(uri: str) -> str:
         rest = uri.split("://", 1)[1]
         if not rest.strip("/"):
             raise ValueError("an s3:// URI needs a bucket: s3://bucket/prefix")
-        if "?" in rest or "@" in rest.split("/", 1)[0]:
+        if "?" in rest or "#" in rest or "@" in rest.split("/", 1)[0]:
             raise ValueError("no query strings or user info in URIs (credentials come from "
                              "the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        bucket, _, key = rest.partition("/")
+        if not _BUCKET.match(bucket):
+            raise ValueError(f"{bucket!r} is not a valid bucket name (letters, digits, '.', "
+                             "'-' and '_')")
+        # S3 keys are taken literally, but most tools resolve '..' and '//': a prefix that
+        # means different objects to different readers is refused.
+        if any(part in (".", "..") for part in key.split("/")) or "//" in key.rstrip("/"):
+            raise ValueError("no '.', '..' or empty segments in an s3:// key")
         return uri
     path = uri[len("file://"):] if uri.startswith("file://") else uri
     return os.path.abspath(os.path.expanduser(path))
@@ -107,13 +121,25 @@ class StorageSpec(_Strict):
     def _endpoint(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        m = re.match(r"^(https?)://([^/]+)", v)
+        v = v.strip()
+        if "://" not in v:
+            v = f"https://{v}"  # HTTPS unless plain HTTP is asked for explicitly
+        m = re.match(r"^(https?)://([^/?#\s]+)(/[^?#\s]*)?$", v)
         if not m:
-            raise ValueError("must start with https:// (or http:// for a plain-HTTP store)")
-        if "@" in m.group(2) or "?" in v:
+            raise ValueError("must be https://host[:port] (or http:// for a store that only "
+                             "speaks plain HTTP)")
+        if "@" in m.group(2):
             raise ValueError("no user info or query strings: credentials come from the "
                              "environment")
         return v.rstrip("/")
+
+    def plain_http(self) -> bool:
+        """The endpoint is plain HTTP on another machine: requests (signed, but not
+        encrypted) and data cross the network in the clear."""
+        if not self.endpoint_url or not self.endpoint_url.startswith("http://"):
+            return False
+        host = self.endpoint_url[len("http://"):].split("/", 1)[0].rsplit(":", 1)[0]
+        return host.lower() not in _LOOPBACK_HOSTS and not host.startswith("127.")
 
     def options(self) -> dict[str, Any]:
         return {"endpoint_url": self.endpoint_url, "region": self.region, "anon": self.anon}
@@ -142,7 +168,7 @@ class ModelSpec(_Strict):
     input_size: int | None = Field(default=None, ge=16, le=4096)  # default: the model's
     score_threshold: float = Field(default=0.3, ge=0.0, le=1.0)   # detections below: dropped
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA
-    top_k: int = Field(default=5, ge=1)  # recognition: predictions kept per clip
+    top_k: int = Field(default=5, ge=1, le=100_000)  # recognition: predictions per clip
 
     @field_validator("checkpoint")
     @classmethod
@@ -201,17 +227,20 @@ class PruningSpec(BaseModel):
 
 
 class DecodeSpec(_Strict):
-    fps: float | None = Field(default=None, gt=0)  # null: every frame
-    segment_frames: int = Field(default=2048, ge=1)  # long videos are split into segments
-    clip_frames: int | None = Field(default=None, ge=1)  # recognizers; null: the model's
-    frame_stride: int = Field(default=4, ge=1)       # recognizers: every k-th frame in clips
+    fps: float | None = Field(default=None, gt=0, le=1000)  # null: every frame
+    segment_frames: int = Field(default=2048, ge=1, le=10_000_000)  # long videos are split
+    clip_frames: int | None = Field(default=None, ge=1, le=4096)  # recognizers; null: model's
+    frame_stride: int = Field(default=4, ge=1, le=10_000)  # recognizers: every k-th frame
+    timeout_s: float = Field(default=120.0, gt=0, le=86_400)  # a decoder without progress
+    retries: int = Field(default=2, ge=0, le=10)              # fresh decoders per segment
 
 
 class ResourcesSpec(_Strict):
-    actors: int = Field(default=1, ge=1)
-    gpus_per_actor: float = Field(default=0.0, ge=0)
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    streams_per_actor: int = Field(default=1, ge=1)  # segments one actor runs in lockstep
+    actors: int = Field(default=1, ge=1, le=100_000)
+    gpus_per_actor: float = Field(default=0.0, ge=0, le=64)
+    cpus_per_actor: float = Field(default=1.0, gt=0, le=1024)
+    streams_per_actor: int = Field(default=1, ge=1, le=1024)  # segments run in lockstep
+    memory_per_actor_gib: float | None = Field(default=None, gt=0, le=16384)  # null: estimate
 
 
 class OutputSpec(_Strict):
@@ -254,6 +283,8 @@ class JobSpec(_Strict):
             raise ValueError("must be a mapping: {method: NAME, <parameter>: value, ...}")
         value = dict(value)
         method = value.pop("method", None)
+        if method is not None and not isinstance(method, str):
+            raise _fail("method", "must be the name of a pruning method")
         default = method is None
         if default:
             if model is None:  # the model section is invalid: reported there
@@ -431,4 +462,10 @@ def load_spec(path: str | os.PathLike | None, overrides: list[str] | None = None
                             source)
         data.update(loaded)
     notes = apply_overrides(data, parse_overrides(overrides))
-    return validate_spec(data, source), notes
+    spec = validate_spec(data, source)
+    for url in sorted({s.endpoint_url for s in (spec.input.storage, spec.output.storage)
+                       if s.plain_http()}):
+        notes.append(f"the S3 endpoint {url} is plain HTTP: requests are signed but not "
+                     "encrypted, so data (and the access key id) cross the network in the "
+                     "clear; use https:// unless the store is on a trusted network")
+    return spec, notes

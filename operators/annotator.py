@@ -131,6 +131,10 @@ class AnnotatorActor:
         self.class_names = list(self.runner.model.class_names)
         self.top_k = int(model.get("top_k", 5))
         self.fps = decode.get("fps")
+        # How long a decoder may go without progress, and how often it is replaced after a
+        # crash or hang (``operators/decode.py``).
+        self.decoder_options = {k: decode[k] for k in ("timeout_s", "retries")
+                                if decode.get(k) is not None}
         self.frame_stride = int(decode.get("frame_stride", 1)) if self.task == "recognition" \
             else 1
         self.input_fs = input_fs
@@ -160,7 +164,7 @@ class AnnotatorActor:
             ratio = sampling_ratio(row["fps"], self.fps, self.frame_stride)
             indices = sampled_indices(int(row["start_frame"]), int(row["end_frame"]), ratio)
             decoder = SegmentDecoder(self.input_fs, row["uri"], indices,
-                                     size_bytes=int(row["size_bytes"]))
+                                     size_bytes=int(row["size_bytes"]), **self.decoder_options)
             streams.append(_Stream(row, decoder, started,
                                    columns={c: [] for c in self._annotation_columns()}))
         self._run(streams)

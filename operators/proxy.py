@@ -1,12 +1,15 @@
-"""A loopback HTTP range server that lets decord stream objects from any fsspec filesystem.
+"""A loopback HTTP range server that lets the decoder stream objects from any fsspec filesystem.
 
-decord's bundled FFmpeg cannot open ``https://`` (it is built without TLS), but it streams
-plain ``http://`` with range requests and seeks by issuing new ones. So each process that
-decodes remote videos runs one small threaded server on ``127.0.0.1`` (random port) that
+The decoder (FFmpeg, in a child process without credentials: ``operators/isolation.py``)
+streams plain ``http://`` with range requests and seeks by issuing new ones. So each process
+that decodes remote videos runs one small threaded server on ``127.0.0.1`` (random port) that
 answers ``GET``/``HEAD`` with ``Range: bytes=...`` by ranged reads through the filesystem
-(s3fs for S3, over HTTPS with the environment's credentials). decord is given
+(s3fs for S3, over HTTPS with the environment's credentials). The decoder is given
 ``http://127.0.0.1:PORT/<token>/video.<ext>``: the token is random and opaque, so object
 names, endpoints, credentials and presigned signatures never appear in URLs, logs or errors.
+The first read of a response happens before its status line, so an object that vanished or
+became unreadable after it was listed answers 404 or 403, and :meth:`RangeProxy.failure`
+tells the decoder's caller the store's own error.
 
 Memory is bounded: a response is sent in chunks of at most ``chunk_bytes``, each one ranged
 read, and a client that goes away (FFmpeg drops the connection when it seeks) just ends the
@@ -15,9 +18,9 @@ response.
 Each ranged read is retried with backoff on transient store errors (``operators/retry.py``);
 one that still fails cuts the response short, which the decoder reports as the segment's
 error. With a :class:`operators.cache.ChunkCache` (the shared proxy uses the node's), reads
-are whole aligned chunks kept on local disk: decord reads every packet of a file each time it
-opens it, and the cache turns the N opens of a video split into N segments into one fetch
-per node.
+are whole aligned chunks kept on local disk: the decoder reads every packet of a file each
+time it opens it (to number frames), and the cache turns the N opens of a video split into
+N segments into one fetch per node.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class RangeProxy:
         self.cache = cache
         self.backoff = backoff
         self._objects: dict[str, _Object] = {}
+        self._failures: dict[str, BaseException] = {}  # first store error per object
         self._lock = threading.Lock()
         self.requests = 0       # ranged reads served (for tests and diagnostics)
         self.bytes_served = 0   # bytes sent to clients
@@ -93,9 +97,22 @@ class RangeProxy:
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{obj.size}")
                         self.send_header("Content-Length", "0")
+                        self._connection_header()
                         self.end_headers()
                         return
                     start, end = parsed
+                first = b""
+                if body and end > start:
+                    # The first read comes before the status line, so that an object that
+                    # vanished or became unreadable since it was listed answers 404/403
+                    # (and the decoder's caller learns why) instead of a body cut short.
+                    try:
+                        first = self._read(obj, token, start, end)
+                    except Exception as exc:  # the store's error: recorded for the caller
+                        self._status(404 if isinstance(exc, FileNotFoundError) else
+                                     403 if isinstance(exc, PermissionError) else 502)
+                        return
+                if header:
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{obj.size}")
                 else:
@@ -103,28 +120,48 @@ class RangeProxy:
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(end - start))
+                self._connection_header()
                 self.end_headers()
                 if not body:
                     return
                 pos = start
                 try:
-                    while pos < end:
-                        data = proxy._read(obj, pos, end)
-                        proxy.requests += 1
-                        proxy.bytes_served += len(data)
-                        if not data:
-                            break
+                    data = first
+                    while data:
                         self.wfile.write(data)
+                        proxy.bytes_served += len(data)
                         pos += len(data)
+                        if pos >= end:
+                            break
+                        data = self._read(obj, token, pos, end)
                 except _DISCONNECTS:
                     self.close_connection = True
-                except Exception:  # the store failed mid-response: cut it short
+                except Exception:  # the store failed mid-response (recorded): cut it short
                     self.close_connection = True
+
+            def _read(self, obj: _Object, token: str, pos: int, end: int) -> bytes:
+                """At most one chunk from ``pos`` (see ``RangeProxy._read``); the store's
+                error is recorded for :meth:`RangeProxy.failure`."""
+                try:
+                    data = proxy._read(obj, pos, end)
+                except Exception as exc:
+                    with proxy._lock:
+                        proxy._failures.setdefault(token, exc)
+                    raise
+                proxy.requests += 1
+                return data
 
             def _status(self, code: int) -> None:
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
+                self._connection_header()
                 self.end_headers()
+
+            def _connection_header(self) -> None:
+                # Say so when the connection closes after this response: FFmpeg 8 reuses a
+                # drained HTTP/1.1 connection for its next range request unless told.
+                if self.close_connection:
+                    self.send_header("Connection", "close")
 
         self._server = _Server(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
@@ -176,13 +213,23 @@ class RangeProxy:
         return f"http://127.0.0.1:{self.port}/{token}/video{ext}"
 
     def unregister(self, url: str) -> None:
-        token = url.split(f":{self.port}/", 1)[-1].split("/", 1)[0]
+        token = _token(url, self.port)
         with self._lock:
             self._objects.pop(token, None)
+            self._failures.pop(token, None)
+
+    def failure(self, url: str) -> BaseException | None:
+        """The first error the store raised while serving ``url`` (None: no error)."""
+        with self._lock:
+            return self._failures.get(_token(url, self.port))
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _token(url: str, port: int) -> str:
+    return url.split(f":{port}/", 1)[-1].split("/", 1)[0]
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

@@ -90,3 +90,11 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def node_memory_bytes() -> list[float]:
+    """Ray's ``memory`` resource of each alive node (what actors' ``memory=`` draws on)."""
+    import ray
+
+    return [float(n.get("Resources", {}).get("memory", 0.0)) for n in ray.nodes()
+            if n.get("Alive")]

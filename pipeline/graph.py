@@ -27,6 +27,7 @@ class Resources:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     streams_per_actor: int = 1
+    memory_bytes: int | None = None  # Ray's memory= for each actor (pipeline/memory.py)
 
 
 def segment_dataset(pending: pa.Table, streams_per_actor: int):
@@ -58,6 +59,7 @@ def run_segments(pending: pa.Table, actor_kwargs: dict[str, Any], resources: Res
         batch_format="numpy",
         num_gpus=resources.gpus_per_actor or None,
         num_cpus=resources.cpus_per_actor,
+        memory=resources.memory_bytes or None,
         fn_constructor_kwargs={**actor_kwargs, "use_gpu": resources.gpus_per_actor > 0,
                                "cpus": resources.cpus_per_actor},
     )

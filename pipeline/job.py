@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from .graph import Resources, run_segments
 from .listing import VideoObject, list_videos, probe_videos, probe_videos_on_cluster
+from .lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
 from .manifest import build_manifest, fingerprint
 from .outputs import (ANNOTATIONS, JOB_FILE, KNOWN_ENTRIES, MANIFEST_FILE, SEGMENTS_DIR,
                       VIDEOS_FILE, SegmentWriter, completed_segments, read_manifest,
@@ -80,6 +81,7 @@ class Plan:
     output: Location
     videos: list[VideoObject]
     previous: dict[str, Any] | None  # the output's job.json (resume)
+    model_size: Any = None           # memory.ModelSize: what the actors' memory depends on
 
 
 @dataclass
@@ -103,7 +105,7 @@ def plan_job(spec: Any, log: Log = _stderr) -> Plan:
     started = _now()
     job_id = f"{spec.name}-{started:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     output = _open_output(spec)
-    model, checkpoint_fs, method, params, checkpoint_id = _check_model(spec)
+    model, checkpoint_fs, method, params, checkpoint_id, size = _check_model(spec)
     inputs = _fingerprint_inputs(spec, model, method, params, checkpoint_id)
     fp = fingerprint(inputs)
     previous = _check_output(spec, output, fp, inputs)
@@ -118,12 +120,14 @@ def plan_job(spec: Any, log: Log = _stderr) -> Plan:
     from operators.annotator import model_label
 
     return Plan(spec, job_id, model["task"], model, model_label(model), method, params, fp,
-                inputs, input_fs, checkpoint_fs, output, videos, previous)
+                inputs, input_fs, checkpoint_fs, output, videos, previous, size)
 
 
 def _storage_message(exc: BaseException) -> str:
+    from operators.redact import redact
+
     text = str(exc) or type(exc).__name__
-    return text.replace("\n", " ")[:500]
+    return redact(text.replace("\n", " "))[:500]
 
 
 def _open_output(spec: Any) -> Location:
@@ -171,9 +175,15 @@ def _check_model(spec: Any):
         raise JobRefused(_storage_message(exc), "model.checkpoint") from None
     except (ModelError, ValueError, TypeError) as exc:
         raise JobRefused(str(exc), "model") from None
+    except Exception as exc:  # options that break the architecture in other ways
+        raise JobRefused(f"the model cannot be built with these settings: "
+                         f"{type(exc).__name__}: {_storage_message(exc)}", "model") from None
     params = runner.method.describe()
     model["clip_frames"] = getattr(runner.model, "clip_frames", None) or model.get("clip_frames")
-    return model, checkpoint_fs, spec.pruning.method, params, checkpoint_id
+    from .memory import model_size
+
+    return (model, checkpoint_fs, spec.pruning.method, params, checkpoint_id,
+            model_size(runner))
 
 
 def _zoo_identity(name: str) -> str:
@@ -208,15 +218,22 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any]
-                  ) -> dict[str, Any] | None:
-    """Apply the output mode; returns the earlier ``job.json`` when resuming."""
+def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any],
+                  locked: bool = False) -> dict[str, Any] | None:
+    """Apply the output mode; returns the earlier ``job.json`` when resuming. An output
+    another job is writing is refused (``pipeline/lock.py``) unless this job holds the lock
+    (``locked``)."""
     try:
         if output.fs.isfile(output.root):
             raise JobRefused(f"{spec.output.uri} is a file, not a folder", "output.uri")
-        entries = output.entries()
+        listed = output.entries()
+        entries = [e for e in listed if e != LOCK_DIR]
+        if LOCK_DIR in listed and not locked:
+            OutputLock(output, "").check()
     except JobRefused:
         raise
+    except OutputLocked as exc:
+        raise JobRefused(str(exc), "output.uri") from None
     except OSError as exc:
         raise JobRefused(_storage_message(exc), "output.uri") from None
     if not entries:
@@ -254,8 +271,8 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for dist in ("vidprune", "torch", "ray", "decord", "pyarrow", "fsspec", "s3fs", "pydantic",
-                 "numpy"):
+    for dist in ("vidprune", "torch", "ray", "av", "decord", "pyarrow", "fsspec", "s3fs",
+                 "pydantic", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -318,6 +335,12 @@ def run_job(spec: Any, address: str | None = None, log: Log = _stderr) -> JobRes
         if spec.resources.gpus_per_actor > 0 and cluster.cluster_gpus() == 0:
             raise JobRefused("the Ray cluster has no GPUs; set resources.gpus_per_actor=0 "
                              "to run on CPUs", "resources.gpus_per_actor")
+        wanted = spec.resources.memory_per_actor_gib
+        largest = max(cluster.node_memory_bytes(), default=0.0)
+        if wanted and largest and wanted * 2 ** 30 > largest:
+            raise JobRefused(f"{wanted:g} GiB per actor, but the largest node of the Ray "
+                             f"cluster has {largest / 2 ** 30:.1f} GiB of memory for actors",
+                             "resources.memory_per_actor_gib")
         return execute(plan, log)
     finally:
         if started_ray:
@@ -325,7 +348,26 @@ def run_job(spec: Any, address: str | None = None, log: Log = _stderr) -> JobRes
 
 
 def execute(plan: Plan, log: Log = _stderr) -> JobResult:
-    """Run a planned job: the first call that writes to the output."""
+    """Run a planned job: the first call that writes to the output. The job holds the
+    output's lock (``pipeline/lock.py``) from here to its end."""
+    lock = OutputLock(plan.output, plan.job_id, log=log)
+    try:
+        lock.acquire()
+    except OutputLocked as exc:
+        raise JobRefused(str(exc), "output.uri") from None
+    except OSError as exc:
+        raise JobRefused(f"cannot lock the output: {_storage_message(exc)}",
+                         "output.uri") from None
+    try:
+        # What the output holds may have changed since planning: decide again, under the lock.
+        plan.previous = _check_output(plan.spec, plan.output, plan.fingerprint,
+                                      plan.fingerprint_inputs, locked=True)
+        return _execute(plan, lock, log)
+    finally:
+        lock.release()
+
+
+def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     spec, out = plan.spec, plan.output
     t0 = time.monotonic()
     started = _now()
@@ -372,24 +414,33 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
     progress = Progress(manifest, set(pending.column("segment_id").to_pylist()), log)
     actor_kwargs = {
         "model": plan.model, "method": plan.method, "params": plan.params,
-        "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride},
+        "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride,
+                   "timeout_s": spec.decode.timeout_s, "retries": spec.decode.retries},
         "input_fs": plan.input_fs, "writer": SegmentWriter(out, plan.task),
         "job": {"job_id": plan.job_id, "fingerprint": plan.fingerprint, "name": spec.name},
         "checkpoint_fs": plan.checkpoint_fs,
     }
     r = spec.resources
+    from .memory import actor_resources
+
+    actors, memory_bytes = actor_resources(spec.name, r, plan.model_size, plan.method,
+                                           manifest, log)
     from operators.metrics import JobMetrics
 
     metrics = JobMetrics(spec.name, plan.model_label, plan.method)
     try:
         for row in run_segments(pending, actor_kwargs, Resources(
-                r.actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor)):
+                actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor,
+                memory_bytes)):
             processed.append(row["segment_id"])
             done = progress.done
             progress.update(row)
             metrics.videos_done(progress.done - done)
+            lock.ensure()
     except BaseException as exc:  # recorded in job.json, then raised again below
         error = exc
+    if isinstance(error, LockLost):  # the output is another job's now: write nothing more
+        raise error
 
     complete = sorted(completed_segments(out) & ids)
     segments = read_segments(out, complete)
@@ -431,7 +482,8 @@ def _earlier_probes(out: Location) -> dict[tuple[str, str], dict[str, Any]]:
     for row in manifest.to_pylist():
         if not row["probe_error"]:
             known[(row["uri"], row["identity"])] = {
-                k: row[k] for k in ("frames_total", "fps", "width", "height", "duration_s")}
+                k: row.get(k) for k in ("frames_total", "fps", "width", "height", "duration_s",
+                                        "probe_warning")}
     return known
 
 
@@ -461,5 +513,7 @@ def _probe(plan: Plan, known: dict[tuple[str, str], dict[str, Any]], log: Log
     # A task costs a worker process start; for a handful of videos the driver is quicker.
     if nodes > 1 and unknown >= CLUSTER_PROBE_MIN_VIDEOS:
         log(f"{plan.spec.name}: probing {unknown} video(s) in Ray tasks across {nodes} nodes")
-        return probe_videos_on_cluster(plan.input_fs, plan.videos, nodes, known=known)
-    return probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known)
+        return probe_videos_on_cluster(plan.input_fs, plan.videos, nodes, known=known,
+                                       timeout_s=plan.spec.decode.timeout_s)
+    return probe_videos(plan.input_fs, plan.videos, workers=_probe_workers(), known=known,
+                        timeout_s=plan.spec.decode.timeout_s)

@@ -62,13 +62,16 @@ def build_manifest(probes: list[dict[str, Any]], segment_frames: int, job_finger
         common = {"video_id": vid, "uri": p["uri"], "identity": p["identity"],
                   "frames_total": int(p["frames_total"]), "fps": float(p["fps"]),
                   "width": int(p["width"]), "height": int(p["height"]),
-                  "duration_s": float(p["duration_s"]), "size_bytes": int(p["size_bytes"])}
-        if p.get("probe_error"):
+                  "duration_s": float(p["duration_s"]), "size_bytes": int(p["size_bytes"]),
+                  "probe_warning": p.get("probe_warning")}
+        error = p.get("probe_error") or (None if int(p["frames_total"]) > 0 else
+                                         "no video frames")
+        if error:
             failed.append({**common, "segment_id": segment_id(job_fingerprint, p["uri"],
                                                               p["identity"], 0, 0),
                            "segment_index": 0, "segments_total": 0, "start_frame": 0,
                            "end_frame": 0, "frames_expected": 0,
-                           "probe_error": p["probe_error"]})
+                           "probe_error": error})
             continue
         spans = segment_spans(int(p["frames_total"]), segment_frames)
         ratio = sampling_ratio(float(p["fps"]), fps, frame_stride)

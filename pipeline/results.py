@@ -58,6 +58,8 @@ def aggregate_videos(manifest: pa.Table, segments: pa.Table, job: dict[str, Any]
         errors = []
         if first["probe_error"]:
             errors.append(first["probe_error"])
+        if first.get("probe_warning"):
+            errors.append(first["probe_warning"])
         many = len(rows) > 1
         for s in segs:
             if s["error"]:

@@ -41,6 +41,7 @@ MANIFEST = _schema(
     ("duration_s", pa.float64()),
     ("size_bytes", pa.int64()),
     ("probe_error", pa.string(), True),   # set: the video could not be opened; no segments
+    ("probe_warning", pa.string(), True), # set: readable but incomplete (the video is partial)
 )
 
 DETECTIONS = _schema(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -53,8 +54,10 @@ class S3Server:
     def __init__(self) -> None:
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        # Distinctive secrets: tests grep everything a job writes and logs for them.
         self.env = {"AWS_ACCESS_KEY_ID": "testing-key-id",
-                    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+                    "AWS_SECRET_ACCESS_KEY": f"canary-secret-{secrets.token_hex(12)}",
+                    "AWS_SESSION_TOKEN": f"canary-token-{secrets.token_hex(12)}",
                     "AWS_DEFAULT_REGION": "us-east-1"}
         exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
         self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],

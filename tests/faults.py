@@ -1,8 +1,10 @@
 """An unreliable object store for tests: an HTTP front on 127.0.0.1 that forwards requests
-to the moto S3 server, except those a rule says to fail (with a real S3 error reply).
+to the moto S3 server, except those a rule says to fail (with a real S3 error reply) or to
+stall (no answer at all, as from a hung connection, until the front closes).
 
     front = FlakyFront(s3.port)
     front.fail("PUT", r"/runs/out/segments/", times=3)     # the next 3 matching PUTs: 500
+    front.stall("GET", r"/videos/slow\.mp4")               # every matching GET hangs
     fs, _ = filesystem("s3://runs", endpoint_url=front.url)
 """
 
@@ -31,8 +33,11 @@ class FlakyFront:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.rules: list[Rule] = []
+        self.stalling: list[tuple[str, re.Pattern]] = []
         self.failed = 0            # requests answered with an error
+        self.stalled = 0           # requests left without an answer
         self.forwarded = 0
+        self._release = threading.Event()
         self._lock = threading.Lock()
         front = self
 
@@ -45,6 +50,10 @@ class FlakyFront:
             def _any(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if front._stalls(self.command, self.path):
+                    front._release.wait(300)
+                    self.close_connection = True
+                    return
                 status = front._failure(self.command, self.path)
                 if status:
                     code, message = _ERRORS.get(status, ("InternalError", "error"))
@@ -89,9 +98,21 @@ class FlakyFront:
         with self._lock:
             self.rules.append(Rule(method, re.compile(pattern), times, status))
 
+    def stall(self, method: str, pattern: str) -> None:
+        """Leave every ``method`` request whose path matches ``pattern`` unanswered."""
+        with self._lock:
+            self.stalling.append((method, re.compile(pattern)))
+
     def heal(self) -> None:
         with self._lock:
             self.rules.clear()
+            self.stalling.clear()
+
+    def _stalls(self, method: str, path: str) -> bool:
+        with self._lock:
+            hit = any(m == method and p.search(path) for m, p in self.stalling)
+            self.stalled += hit
+            return hit
 
     def _failure(self, method: str, path: str) -> int | None:
         with self._lock:
@@ -103,5 +124,6 @@ class FlakyFront:
         return None
 
     def close(self) -> None:
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()

@@ -61,7 +61,7 @@ def test_a_broken_stream_keeps_the_frames_before_the_damage(sample_videos):
 def test_a_missing_file_is_an_error_not_an_exception(tmp_path):
     decoder = SegmentDecoder(LOCAL, str(tmp_path / "gone.mp4"), [0, 1])
     assert decoder.read() is None
-    assert decoder.frames_decoded == 0 and "gone.mp4" in decoder.error
+    assert decoder.frames_decoded == 0 and "the file is gone" in decoder.error
 
 
 def test_probe(sample_videos):

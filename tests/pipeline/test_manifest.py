@@ -3,7 +3,7 @@
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.listing import list_videos, matches
+from pipeline.listing import FOLDER, list_videos, matches
 from pipeline.manifest import build_manifest, segment_id, segment_spans, video_id
 from pipeline.schemas import MANIFEST
 from pipeline.storage import StorageError
@@ -60,11 +60,14 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden_files(tmp_path):
                  ".cache/e.mp4", "sub/clip.mp4.part"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "folder.mp4").mkdir()  # a directory named like a video
+    (tmp_path / "folder.mp4").mkdir()  # a directory named like a video: listed, as a problem
     found = list_videos(LocalFileSystem(), str(tmp_path), ["*.mp4", "*.mkv", "*.mov", "*.avi"])
     assert [v.uri[len(str(tmp_path)) + 1:] for v in found] == [
-        "B.MKV", "a.mp4", "sub/c.mov", "sub/deeper/d.avi"]
-    assert all(v.size_bytes == 1 and v.identity.startswith("size:1:") for v in found)
+        "B.MKV", "a.mp4", "folder.mp4", "sub/c.mov", "sub/deeper/d.avi"]
+    folder = found.pop(2)
+    assert folder.problem == FOLDER and folder.size_bytes == 0
+    assert all(v.size_bytes == 1 and v.identity.startswith("size:1:") and v.problem is None
+               for v in found)
     only_sub = list_videos(LocalFileSystem(), str(tmp_path), ["sub/*.mov"])
     assert [v.uri.rsplit("/", 1)[1] for v in only_sub] == ["c.mov"]
     single = list_videos(LocalFileSystem(), str(tmp_path / "notes.txt"), ["*.mp4"])

@@ -28,5 +28,5 @@ def test_probes_in_ray_tasks_equal_probes_on_the_driver(ray_session, video_facto
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in spread}
     assert [rows[f"v{i}.mp4"]["frames_total"] for i in range(1, 8)] == list(range(6, 13))
     assert rows["pancake.mkv"]["frames_total"] == 310
-    assert rows["empty.mp4"]["probe_error"] == "ValueError: empty file (0 bytes)"
+    assert rows["empty.mp4"]["probe_error"] == "an empty file (0 bytes)"
     assert rows["junk.mov"]["probe_error"]
