@@ -112,7 +112,8 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
                      progress: Callable[[str], None] | None = None) -> list[Measurement]:
     """Step every contender over the same ``streams`` (one frame list per stream, equal
     lengths), interleaved frame by frame, ``repeats`` times after a warm-up of ``warmup``
-    frames each. ``progress`` gets a line after the warm-up and each repetition."""
+    frames each. ``progress`` gets a line after the warm-up and after each frame (every
+    contender stepped it) of each repetition."""
     n_frames = len(streams[0])
     if any(len(s) != n_frames for s in streams):
         raise ValueError("every stream needs the same number of frames")
@@ -152,8 +153,9 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
                     _record_work(m, outs, states[i])
                 if last:
                     m.outputs.append(outs)
-        if progress:
-            progress(f"repetition {rep + 1}/{repeats} done ({time.perf_counter() - clock:.0f} s)")
+            if progress:
+                progress(f"repetition {rep + 1}/{repeats}, frame {t + 1}/{n_frames} "
+                         f"({time.perf_counter() - clock:.0f} s)")
     return out
 
 

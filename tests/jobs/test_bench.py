@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shlex
@@ -32,12 +34,14 @@ def bench_run(tmp_path_factory):
             "--method", "eventful:r=6,sparse_attention=false", "--method", "stgt:r=6",
             "--method", "rollout:k=12", "--method", "svit", "--method", "sta:r=4",
             "--out", str(out)]
-    assert main(argv) == 0
-    return out, argv
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 0
+    return out, argv, err.getvalue()
 
 
 def test_the_table_has_every_method_and_plausible_values(bench_run):
-    out, argv = bench_run
+    out, argv, _ = bench_run
     table = pq.read_table(out / "bench.parquet")
     rows = table.to_pylist()
     assert set(REQUIRED) <= set(table.column_names)
@@ -74,8 +78,18 @@ def test_the_table_has_every_method_and_plausible_values(bench_run):
     assert stateful["eventful"] > 0.1 and stateful["rollout"] > 0.1 and stateful["svit"] < 0.001
 
 
+def test_progress_is_reported_frame_by_frame(bench_run):
+    lines = bench_run[2].splitlines()
+    assert lines[0].startswith("vidprune bench: vitdet-ti at 112, weights random (seed 0): "
+                               "dense + 5 method(s), 2 stream(s) x 3 frames x 2 repetitions")
+    for rep in (1, 2):
+        for frame in (1, 2, 3):
+            assert any(f"vitdet-ti: repetition {rep}/2, frame {frame}/3 (" in x for x in lines)
+    assert any("videomae-ti: repetition 2/2, frame 8/8 (" in x for x in lines)
+
+
 def test_the_command_line_and_machine_are_recorded(bench_run):
-    out, argv = bench_run
+    out, argv, _ = bench_run
     meta = json.loads(pq.read_table(out / "bench.parquet").schema.metadata[b"vidprune.bench"])
     assert meta["command"].startswith("vidprune bench --model vitdet-ti")
     assert shlex.split(meta["command"])[1:] == argv
