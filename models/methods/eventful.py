@@ -230,22 +230,36 @@ class Eventful(Method):
         return rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
                              per_stream=q.shape[1])
 
-    def _softmax_columns(self, cache: AttentionCache, sel: Selection) -> torch.Tensor:
-        """The columns ``sel`` (B, h, T, K) of the softmax of the cached logits (by blocks of
-        rows on the CPU)."""
+    def _softmax_columns(self, cache: AttentionCache, sel: Selection,
+                         cols: torch.Tensor | None = None) -> torch.Tensor:
+        """First ``cols`` (B, h, T, K), if given, written into the columns ``sel`` of the
+        cached logits (padding columns keep theirs); then the columns ``sel`` (B, h, T, K) of
+        the softmax of the logits. On the CPU by blocks of rows, the columns written into
+        each block just before its softmax reads it (a scatter over the whole T x T matrix
+        touched nearly every cache line of it once more)."""
         logits = cache.logits
         if not _by_blocks(logits):
+            if cols is not None:
+                sel.write_columns(logits, cols)
             return sel.columns(self._logits(cache, transient=True))
         b, h, t, _ = logits.shape
         out = torch.empty(b, h, t, sel.width, dtype=logits.dtype, device=logits.device)
-        for i, j, r0, block in self._softmax_blocks(cache):
+        index, written = list(sel.index), None
+        if cols is not None:
+            written = list(cols)
+            if sel.mask is not None:  # only the real columns of each stream
+                index = [ix[m] for ix, m in zip(sel.index, sel.mask)]
+                written = [c[..., m] for c, m in zip(cols, sel.mask)]
+        for i, j, r0, block in self._softmax_blocks(cache, index, written):
             torch.index_select(block, 1, sel.index[i], out=out[i, j, r0:r0 + block.shape[0]])
         return out
 
-    def _softmax_blocks(self, cache: AttentionCache):
+    def _softmax_blocks(self, cache: AttentionCache, index: list[torch.Tensor] | None = None,
+                        cols: list[torch.Tensor] | None = None):
         """The softmax of the cached logits by blocks of rows: yields ``(stream, head, first
         row, block)``, the block (n, T) of softmax rows in a work buffer that the next block
-        overwrites.
+        overwrites. ``cols`` (per stream (h, T, K_i)): written into the columns ``index``
+        (per stream (K_i,)) of each block of logits first.
 
         Each block of the T x T logits is read from memory once and its softmax stays in a
         cache-sized buffer, where passes over whole T x T matrices (softmax, then reading the
@@ -260,7 +274,10 @@ class Eventful(Method):
             for j in range(h):
                 for r0 in range(0, t, rows):
                     r1 = min(r0 + rows, t)
-                    yield i, j, r0, softmax_(logits[i, j, r0:r1], out=buf[: r1 - r0])
+                    block = logits[i, j, r0:r1]
+                    if cols is not None:
+                        block.index_copy_(1, index[i], cols[i][j, r0:r1].to(block.dtype))
+                    yield i, j, r0, softmax_(block, out=buf[: r1 - r0])
 
     def _av_dtype(self, x: torch.Tensor) -> torch.dtype:
         if not self.params.av_half:
@@ -331,9 +348,8 @@ class Eventful(Method):
             cols += rel_w.gather(-1, sel.column_index(cols.shape, sel.index % kw))
             count_rows(ledger, sel, 2 * 2 * h * t, "backbone")  # both terms, rows and columns
         sel.write_rows(cache.logits, rows)
-        sel.write_columns(cache.logits, cols)
         count_rows(ledger, sel, 2 * h * t, "overhead")  # rows and columns written
-        a_s = self._softmax_columns(cache, sel)                    # (B, h, T, K)
+        a_s = self._softmax_columns(cache, sel, cols)              # (B, h, T, K)
 
         # attention-value product: out += A_new[:, S] dv + dA v_ref[S]; the columns S of
         # A_ref are rows of its transpose

@@ -105,6 +105,7 @@ def test_scratch_is_reused_at_inference_only():
 
 
 def reference_sparse_update(qk, a_old, out_old, q, k, v_old, v_new, index, scale, rel):
+    # index: per stream, the positions updated
     """METHODS.md section 1 on plain (b, h, T, T) tensors: rows and columns S of q k^T
     recomputed, relative position added afterwards, dense softmax, and
     out += A_new[:, S] dv + (A_new[:, S] - A_ref[:, S]) v_ref[S]."""
@@ -122,10 +123,17 @@ def reference_sparse_update(qk, a_old, out_old, q, k, v_old, v_new, index, scale
     return qk, a_new, out
 
 
-def test_eventful_sparse_attention_matches_the_plain_update():
+@pytest.mark.parametrize("row_blocks, ragged", [(False, False), (True, False), (True, True)])
+def test_eventful_sparse_attention_matches_the_plain_update(monkeypatch, row_blocks, ragged):
     """The cached logits (relative position rewritten for the rows and columns S only), the
     attention matrix kept transposed, the work-buffer softmax and the row/column exchanges
-    give the paper's update (two steps, two streams)."""
+    give the paper's update (two steps, two streams; the softmax in one block of rows or in
+    several, with the columns S written into each block before its softmax; a ragged
+    selection whose padding rows are unchanged tokens)."""
+    from models.methods import eventful
+
+    if row_blocks:
+        monkeypatch.setattr(eventful, "ROW_BLOCK_ELEMENTS", 5 * 36)  # blocks of 5 rows
     torch.manual_seed(0)
     backbone = vitdet_backbone("ti", img_size=96, window=3, depth=2, global_blocks=(1,)).eval()
     blk = backbone.blocks[1]
@@ -155,9 +163,13 @@ def test_eventful_sparse_attention_matches_the_plain_update():
         out_ref = a_ref @ v
         for step in range(2):
             index = torch.stack([torch.randperm(t)[:7] for _ in range(2)])
-            sel = Selection(index)
+            mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3]) if ragged else None
+            sel = Selection(index, mask)
             new = qkv.clone()
-            rows = sel.rows(qkv) + torch.randn(2, 7, 3 * d)
+            change = torch.randn(2, 7, 3 * d)
+            if ragged:  # padding rows carry their old qkv
+                change *= mask[..., None]
+            rows = sel.rows(qkv) + change
             new.view(-1, 3 * d)[(torch.arange(2)[:, None] * t + index).reshape(-1)] = \
                 rows.reshape(-1, 3 * d)
             old_rows = sel.rows(qkv)
@@ -165,8 +177,9 @@ def test_eventful_sparse_attention_matches_the_plain_update():
                                               Ledger(2))
             q, k, v_new = split(new)
             v_old = split(qkv)[2]
+            real = [ix[m] for ix, m in zip(index, mask)] if ragged else list(index)
             qk_ref, a_new, out_ref = reference_sparse_update(
-                qk_ref, a_ref, out_ref, q, k, v_old, v_new, index, attn.scale, rel_of(new))
+                qk_ref, a_ref, out_ref, q, k, v_old, v_new, real, attn.scale, rel_of(new))
             # the cache holds the logits: the product plus this frame's relative position
             torch.testing.assert_close(cache.logits, qk_ref + rel_of(new), rtol=1e-5,
                                        atol=1e-5)
@@ -174,7 +187,7 @@ def test_eventful_sparse_attention_matches_the_plain_update():
             torch.testing.assert_close(merged, attn.merge_heads(out_ref), rtol=1e-5, atol=1e-5)
             # A_ref: columns S from this frame, the others as they were
             for bi in range(2):
-                a_ref[bi][..., index[bi]] = a_new[bi][..., index[bi]]
+                a_ref[bi][..., real[bi]] = a_new[bi][..., real[bi]]
             torch.testing.assert_close(cache.a_ref_t.transpose(-2, -1), a_ref,
                                        rtol=1e-5, atol=1e-6)
             qkv = new
