@@ -333,9 +333,9 @@ class Eventful(Method):
         v_ref = attn.split_heads(qkv_old.chunk(3, dim=-1)[2])
         h, t, c = q.shape[1], q.shape[2], q.shape[3]
 
-        # query-key product: rows S, then columns S (the S x S block is computed twice),
-        # each with its relative-position terms (the other logits keep theirs, see
-        # AttentionCache)
+        # query-key product: rows S, then columns S (the S x S block is computed twice; the
+        # columns are written by _softmax_columns), each with its relative-position terms
+        # (the other logits keep theirs, see AttentionCache)
         rows = (q_s * attn.scale) @ k.transpose(-2, -1)             # (B, h, K, T)
         cols = (q * attn.scale) @ k_s.transpose(-2, -1)             # (B, h, T, K)
         count_rows(ledger, sel, 2 * h * t * c, "backbone")
