@@ -47,6 +47,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by some commands
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

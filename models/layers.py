@@ -10,6 +10,7 @@ buffers qkv can pad the same way.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,65 @@ def add_rel_pos(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
     return out.view(*lead, kh * kw)
 
 
+def add_rel_pos_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                 k_grid: Grid) -> torch.Tensor:
+    """:func:`add_rel_pos` in place on ``logits`` (which must be the caller's own tensor):
+    no (..., Nq, kh*kw) bias is ever built."""
+    kh, kw = k_grid
+    view = logits.view(*logits.shape[:-1], kh, kw)
+    view += rel_h[..., :, None]
+    view += rel_w[..., None, :]
+    return logits
+
+
+def softmax_(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dimension into ``out``, by default in place on ``x``.
+
+    In place is bit-identical to ``x.softmax(-1)`` on the CPU (each row is read before it is
+    written). On other devices an in-place call, and while autograd records any call, returns
+    a new tensor instead: use the result, not ``out``.
+    """
+    if torch.is_grad_enabled() or (out is None and x.device.type != "cpu"):
+        return x.softmax(dim=-1)
+    return torch._softmax(x, -1, False, out=x if out is None else out)
+
+
+_scratch = threading.local()
+
+
+def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device | str) -> torch.Tensor:
+    """An uninitialised work tensor that, at inference, the next call with the same ``tag``
+    (in this thread) hands out again: its user must be done with it by then. While autograd
+    records (training), a new tensor every call.
+
+    Attention at detection resolutions needs temporaries of tens of megabytes (a ViTDet-S
+    global block at 672: 6 x 1764 x 1764 floats, 75 MB). Allocated afresh, each is a new
+    mapping whose pages fault in on first touch, which on CPU took as long as the arithmetic
+    that fills them (measured: 33 ms vs 12 ms to build that bias). One buffer per tag, grown
+    to the largest size asked for; :func:`release_scratch` frees them.
+    """
+    device = torch.device(device)
+    if device.type == "meta" or torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    # inference tensors cannot be written outside inference mode (nor normal ones be used
+    # as freely inside it): one buffer per mode
+    key = (tag, dtype, device, torch.is_inference_mode_enabled())
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buffers.pop(key, None)  # free the smaller one before taking the larger
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        buffers[key] = buf
+    return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's work buffers (memory measurements, long-lived workers)."""
+    _scratch.__dict__.pop("buffers", None)
+
+
 # --- windows -------------------------------------------------------------------------------
 
 def window_partition(x: torch.Tensor, grid: Grid, window: int, pad_value: torch.Tensor | None
@@ -246,12 +306,14 @@ class Attention(nn.Module):
 
     def attend(self, qkv: torch.Tensor, grid: Grid, window: int, prefix: int = 0,
                ledger: Ledger | None = None, need_probs: bool = False,
-               key_mask: torch.Tensor | None = None) -> AttentionOutput:
+               key_mask: torch.Tensor | None = None,
+               probs_transient: bool = False) -> AttentionOutput:
         """Dense attention from projected ``qkv`` (B, P+N, 3D); returns merged heads (B, P+N, D).
 
         ``window`` > 0 partitions the 2-D grid into windows (no prefix tokens allowed then).
         ``key_mask`` (B, P+N) bool: False tokens are excluded as keys (learned gates); the
-        window padding stays a key, as in the dense model.
+        window padding stays a key, as in the dense model. ``probs_transient``: see
+        :meth:`core`.
         """
         b = qkv.shape[0]
         if window:
@@ -269,7 +331,8 @@ class Attention(nn.Module):
             q_grid = grid if (self.use_rel_pos and not prefix) else None
         q, k, v = (self.split_heads(t) for t in qkv_w.chunk(3, dim=-1))
         out, probs = self.core(q, k, v, q_grid, q_grid, ledger=ledger,
-                               per_stream=n_windows, need_probs=need_probs, key_mask=key_mask)
+                               per_stream=n_windows, need_probs=need_probs, key_mask=key_mask,
+                               probs_transient=probs_transient)
         out = self.merge_heads(out)
         if window:
             out = window_unpartition(out, b, grid, padded, window)
@@ -278,7 +341,9 @@ class Attention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid | None,
              k_grid: Grid | None, ledger: Ledger | None = None, per_stream: int = 1,
              need_probs: bool = False, key_mask: torch.Tensor | None = None,
-             attn_bias: torch.Tensor | None = None
+             attn_bias: torch.Tensor | None = None,
+             rel_terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+             probs_transient: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """softmax(q k^T * scale + rel_pos) v for q (b, h, nq, c), k/v (b, h, nk, c).
 
@@ -286,19 +351,22 @@ class Attention(nn.Module):
         ``key_mask`` (b, nk) bool: False keys are excluded (used for ragged batches).
         ``attn_bias`` (b, h, nq, nk): added to the logits (relative position of gathered
         tokens, computed and counted by the caller).
+        ``rel_terms``: the decomposed relative-position terms ``(rel_h, rel_w)`` of these
+        queries against the keys of ``k_grid``, computed and counted (einsums and additions)
+        by the caller (queries that are a subset of the grid); added like the terms computed
+        here, without building a (b, h, nq, nk) bias when the probabilities are asked for.
+        ``probs_transient``: the caller is done with the probabilities before the next call
+        (at inference they then live in a reused work buffer).
         """
-        h, nq, c = q.shape[1], q.shape[2], q.shape[3]
+        b, h, nq, c = q.shape
         nk = k.shape[2]
-        bias = None
-        if self.use_rel_pos and q_grid is not None:
-            rel_h, rel_w = rel_pos_terms(q, q_grid, k_grid, self.rel_pos_h, self.rel_pos_w,
-                                         ledger, per_stream=per_stream * h)
-            kh, kw = k_grid
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*rel_h.shape[:-1], kh * kw)
+        rel = rel_terms
+        if rel is None and self.use_rel_pos and q_grid is not None:
+            rel = rel_pos_terms(q, q_grid, k_grid, self.rel_pos_h, self.rel_pos_w, ledger,
+                                per_stream=per_stream * h)
             if ledger is not None:
                 ledger.adds(per_stream * h * nq * nk * 2)  # both terms added to every logit
-        if attn_bias is not None:
-            bias = attn_bias if bias is None else bias + attn_bias
+        neg = None
         if key_mask is not None:
             # a query set with every key excluded (a window of pruned tokens) would softmax
             # over nothing: let it see all keys instead; its rows belong to excluded tokens,
@@ -307,19 +375,63 @@ class Attention(nn.Module):
             neg = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
             neg.masked_fill_(~key_mask, float("-inf"))
             neg = neg[:, None, None, :]
-            bias = neg if bias is None else bias + neg
         if ledger is not None:
             ledger.matmul(per_stream * h * nq * nk, c)  # q k^T
             ledger.matmul(per_stream * h * nq * c, nk)  # attn v
         if need_probs:
-            logits = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias
-            probs = logits.softmax(dim=-1)
+            # heads split from a packed qkv are strided views: batched products on them copy
+            # internally per call and ran 1.5x slower than on one contiguous copy
+            k, v = k.contiguous(), v.contiguous()
+            if probs_transient and not torch.is_grad_enabled():
+                logits = torch.matmul(q * self.scale, k.transpose(-2, -1), out=scratch(
+                    "attention.probs", (b, h, nq, nk), q.dtype, q.device))
+            else:
+                logits = (q * self.scale) @ k.transpose(-2, -1)
+            if torch.is_grad_enabled():
+                bias = self._bias(rel, k_grid, attn_bias, neg, (b, h, nq, nk), q)
+                probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+            else:  # inference: the logits are ours, add the terms and normalise in place
+                if rel is not None:
+                    add_rel_pos_(logits, *rel, k_grid)
+                for term in (attn_bias, neg):
+                    if term is not None:
+                        logits += term
+                probs = softmax_(logits)
             return probs @ v, probs
-        if bias is not None:
-            bias = bias.to(q.dtype)
+        bias = self._bias(rel, k_grid, attn_bias, neg, (b, h, nq, nk), q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+
+    @staticmethod
+    def _bias(rel: tuple[torch.Tensor, torch.Tensor] | None, k_grid: Grid | None,
+              attn_bias: torch.Tensor | None, neg: torch.Tensor | None,
+              shape: tuple[int, ...], q: torch.Tensor) -> torch.Tensor | None:
+        """What the logits get: relative position, plus ``attn_bias``, plus the key mask.
+        At inference the relative-position sum is built in a reused work buffer."""
+        in_buffer = False  # whether ``bias`` is the work buffer (then updated in place)
+        if rel is None:
+            bias = attn_bias
+        else:
+            rel_h, rel_w = rel
+            kh, kw = k_grid
+            if torch.is_grad_enabled():
+                bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(shape)
+                if attn_bias is not None:
+                    bias = bias + attn_bias
+            else:
+                bias = scratch("attention.bias", shape, rel_h.dtype, rel_h.device)
+                torch.add(rel_h[..., :, None], rel_w[..., None, :],
+                          out=bias.view(*shape[:-1], kh, kw))
+                in_buffer = True
+                if attn_bias is not None:
+                    bias += attn_bias
+        if neg is not None:
+            if bias is None:
+                bias = neg
+            elif in_buffer:
+                bias += neg
+            else:
+                bias = bias + neg
+        return None if bias is None else bias.to(q.dtype)
 
 
 class Block(nn.Module):
@@ -353,7 +465,10 @@ class Block(nn.Module):
         qkv = self.attn.qkv(self.norm1(x))
         att = self.attn.attend(qkv, grid, self.window, prefix, ledger, need_probs, key_mask)
         x = x + self.attn.proj(att.out)
-        x = x + self.mlp(self.norm2(x), ledger)
+        if torch.is_grad_enabled():
+            x = x + self.mlp(self.norm2(x), ledger)
+        else:  # x is the sum made just above: add into it (no new (B, N, D) tensor)
+            x += self.mlp(self.norm2(x), ledger)
         if ledger is not None:
             ledger.linear(self.attn.qkv, n)
             ledger.linear(self.attn.proj, n)

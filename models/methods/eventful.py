@@ -5,7 +5,8 @@ projection and before the MLP, gates after the LayerNorms -- so the token-wise o
 the tokens whose input changed most since they were last updated; the residual stream stays
 dense. Global-attention blocks (ViTDet's global blocks, every block of a plain ViT) also update
 attention sparsely: the rows and columns of the cached query-key product for the updated set S,
-relative position added afterwards, softmax recomputed densely, and the attention-value product
+each with its relative-position terms (the cache holds the logits, see AttentionCache), softmax
+recomputed densely, and the attention-value product
 corrected with ``A_new[:, S] dv + dA v_ref[S]`` (changes of A outside the columns S are
 ignored, as in the paper). Windowed blocks recompute their attention on the buffered qkv. A
 stream's first frame runs densely and fills every buffer.
@@ -22,8 +23,9 @@ model's precision.
 
 Counting (METHODS.md section 0): token-wise ops count their selected rows; the sparse
 query-key update counts ``2 x heads x |S| x T x head_dim``, the attention-value correction
-``2 x heads x T x |S| x head_dim``; relative position and softmax run densely and count as in
-the dense model. Overhead: gate errors and norms, the subtractions and additions of the
+``2 x heads x T x |S| x head_dim``; the relative-position einsums run for every query (as in
+the dense model), their terms are added to the rows and columns S only; softmax runs densely
+(not counted, as in the dense model). Overhead: gate errors and norms, the subtractions and additions of the
 attention-value correction, and every element written into a reference, buffer or attention
 cache on incremental frames.
 """
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layers import Block, Grid, rel_pos_terms
+from ..layers import Block, Grid, add_rel_pos, add_rel_pos_, rel_pos_terms, scratch, softmax_
 from ..ledger import Ledger
 from ..vit import Embedded, ViT
 from . import register
@@ -42,18 +44,31 @@ from .base import Method, MethodState, StepContext
 from .gates import Buffer, Gate, GateParams, Selection, count_linear, count_rows
 
 
+#: Elements of the T x T product that :meth:`Eventful._softmax_columns` handles at a time
+#: (2 MB of float32: one core's L2 cache on the machine it was tuned on).
+ROW_BLOCK_ELEMENTS = 1 << 19
+
+
 @dataclass
 class AttentionCache:
-    """Sparse global attention state: the query-key product without relative position
-    ``qk`` (B, h, T, T), the attention matrix ``a_ref`` (B, h, T, T) whose columns were last
-    used, and the attention-value output ``out`` (B, h, T, c)."""
+    """Sparse global attention state: the attention logits ``logits`` (B, h, T, T), the
+    scaled query-key product with relative position added, the attention matrix whose
+    columns were last used, stored transposed as ``a_ref_t`` (B, h, T keys, T queries) so
+    that reading and writing the columns of the updated tokens touches contiguous rows, and
+    the attention-value output ``out`` (B, h, T, c).
 
-    qk: torch.Tensor | None = None
-    a_ref: torch.Tensor | None = None
+    The logits are cached with relative position included because both terms of a logit
+    depend only on its query and its key's position: the rows of the queries that did not
+    change keep their terms, so only the rows and columns ``S`` that are rewritten need them
+    again (the same numbers as adding them to the whole product every frame, where that
+    dense addition cost more than the sparse products it follows)."""
+
+    logits: torch.Tensor | None = None
+    a_ref_t: torch.Tensor | None = None
     out: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.qk = self.a_ref = self.out = None
+        self.logits = self.a_ref_t = self.out = None
 
 
 @dataclass
@@ -90,7 +105,7 @@ class EventfulState(MethodState):
             tensors += [b.qkv_gate.ref, b.proj_gate.ref, b.mlp_gate.ref, b.qkv.value,
                         b.proj.value, b.mlp.value]
             if b.attention is not None:
-                tensors += [b.attention.qk, b.attention.a_ref, b.attention.out]
+                tensors += [b.attention.logits, b.attention.a_ref_t, b.attention.out]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -159,7 +174,7 @@ class Eventful(Method):
         c = blk.norm2(x)
         bs.mlp_gate.flush(c)
         bs.mlp.fill(blk.mlp(c, ledger))
-        x = bs.mlp.add_to(x)
+        x = bs.mlp.add_to(x, in_place=True)  # x is the sum made just above
         ledger.adds(2 * t * d)  # the two residual additions
         ledger.processed(t)
         return x
@@ -191,28 +206,78 @@ class Eventful(Method):
         bs.mlp.update(sel, blk.mlp(rows), ledger)
         count_linear(ledger, blk.mlp.fc1, sel)
         count_linear(ledger, blk.mlp.fc2, sel)
-        x = bs.mlp.add_to(x)
+        x = bs.mlp.add_to(x, in_place=True)  # x is the sum made just above
         ledger.adds(2 * t * d)
         ledger.processed(sel.count)
         return x
 
     # -- global attention ---------------------------------------------------------------------
-    def _logits(self, blk: Block, cache: AttentionCache, q: torch.Tensor, grid: Grid,
-                prefix: int, ledger: Ledger) -> torch.Tensor:
-        """Softmax of the cached product plus relative position (added out of place)."""
+    def _logits(self, cache: AttentionCache, transient: bool) -> torch.Tensor:
+        """Softmax of the cached logits (relative position included) into a new tensor,
+        never into the cache. ``transient``: the caller is done with the result before the
+        next block (it then lives in a reused work buffer)."""
+        logits = cache.logits
+        out = scratch("eventful.attention", logits.shape, logits.dtype, logits.device) \
+            if transient else torch.empty_like(logits)
+        return softmax_(logits, out=out)
+
+    def _rel_terms(self, blk: Block, q: torch.Tensor, grid: Grid, prefix: int,
+                   ledger: Ledger) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both relative-position terms of every query (None where the block has none)."""
         attn = blk.attn
-        logits = cache.qk
-        if attn.use_rel_pos and not prefix:
-            h, t = q.shape[1], q.shape[2]
-            rel_h, rel_w = rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
-                                         per_stream=h)
-            kh, kw = grid
-            lead = logits.shape[:-1]
-            logits = torch.add(logits.view(*lead, kh, kw), rel_h[..., :, None])
-            logits += rel_w[..., None, :]  # in place on the new tensor, never on the cache
-            logits = logits.view(*lead, kh * kw)
-            ledger.adds(h * t * t * 2)  # both terms added to every logit
-        return logits.softmax(dim=-1)
+        if not (attn.use_rel_pos and not prefix):
+            return None
+        return rel_pos_terms(q, grid, grid, attn.rel_pos_h, attn.rel_pos_w, ledger,
+                             per_stream=q.shape[1])
+
+    def _softmax_columns(self, cache: AttentionCache, sel: Selection,
+                         cols: torch.Tensor | None = None) -> torch.Tensor:
+        """First ``cols`` (B, h, T, K), if given, written into the columns ``sel`` of the
+        cached logits (padding columns keep theirs); then the columns ``sel`` (B, h, T, K) of
+        the softmax of the logits. On the CPU by blocks of rows, the columns written into
+        each block just before its softmax reads it (a scatter over the whole T x T matrix
+        touched nearly every cache line of it once more)."""
+        logits = cache.logits
+        if not _by_blocks(logits):
+            if cols is not None:
+                sel.write_columns(logits, cols)
+            return sel.columns(self._logits(cache, transient=True))
+        b, h, t, _ = logits.shape
+        out = torch.empty(b, h, t, sel.width, dtype=logits.dtype, device=logits.device)
+        index, written = list(sel.index), None
+        if cols is not None:
+            written = list(cols)
+            if sel.mask is not None:  # only the real columns of each stream
+                index = [ix[m] for ix, m in zip(sel.index, sel.mask)]
+                written = [c[..., m] for c, m in zip(cols, sel.mask)]
+        for i, j, r0, block in self._softmax_blocks(cache, index, written):
+            torch.index_select(block, 1, sel.index[i], out=out[i, j, r0:r0 + block.shape[0]])
+        return out
+
+    def _softmax_blocks(self, cache: AttentionCache, index: list[torch.Tensor] | None = None,
+                        cols: list[torch.Tensor] | None = None):
+        """The softmax of the cached logits by blocks of rows: yields ``(stream, head, first
+        row, block)``, the block (n, T) of softmax rows in a work buffer that the next block
+        overwrites. ``cols`` (per stream (h, T, K_i)): written into the columns ``index``
+        (per stream (K_i,)) of each block of logits first.
+
+        Each block of the T x T logits is read from memory once and its softmax stays in a
+        cache-sized buffer, where passes over whole T x T matrices (softmax, then reading the
+        result) were the largest cost of a global block. Row-wise: the same numbers as on the
+        whole matrix.
+        """
+        logits = cache.logits
+        b, h, t, _ = logits.shape
+        rows = max(1, ROW_BLOCK_ELEMENTS // t)
+        buf = scratch("eventful.rows", (rows, t), logits.dtype, logits.device)
+        for i in range(b):
+            for j in range(h):
+                for r0 in range(0, t, rows):
+                    r1 = min(r0 + rows, t)
+                    block = logits[i, j, r0:r1]
+                    if cols is not None:
+                        block.index_copy_(1, index[i], cols[i][j, r0:r1].to(block.dtype))
+                    yield i, j, r0, softmax_(block, out=buf[: r1 - r0])
 
     def _av_dtype(self, x: torch.Tensor) -> torch.dtype:
         if not self.params.av_half:
@@ -224,13 +289,34 @@ class Eventful(Method):
         attn = blk.attn
         q, k, v = (attn.split_heads(z) for z in qkv.chunk(3, dim=-1))
         h, t, c = q.shape[1], q.shape[2], q.shape[3]
-        cache.qk = (q * attn.scale) @ k.transpose(-2, -1)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
         ledger.matmul(h * t * t, c)
-        a = self._logits(blk, cache, q, grid, prefix, ledger)
+        rel = self._rel_terms(blk, q, grid, prefix, ledger)
+        if rel is not None:
+            ledger.adds(h * t * t * 2)  # both terms added to every logit
+            add = add_rel_pos if torch.is_grad_enabled() else add_rel_pos_
+            logits = add(logits, *rel, grid)
+        cache.logits = logits
         half = self._av_dtype(v)
-        cache.a_ref = a.to(half)
-        cache.out = (cache.a_ref @ v.to(half)).to(v.dtype)
-        ledger.matmul(h * t * c, t)
+        ledger.matmul(h * t * c, t)  # A v
+        if not _by_blocks(logits):
+            # the softmax is transient: the state keeps its transpose
+            a = self._logits(cache, transient=True).to(half)
+            cache.a_ref_t = a.transpose(-2, -1).contiguous()
+            cache.out = (a @ v.to(half)).to(v.dtype)
+            return attn.merge_heads(cache.out.clone())
+        # by blocks of rows: each block's softmax goes transposed into A_ref and times v into
+        # the output while it is in cache (no T x T softmax is written, nor transposed whole)
+        b = q.shape[0]
+        cache.a_ref_t = torch.empty(b, h, t, t, dtype=half, device=q.device)
+        out = torch.empty(b, h, t, c, dtype=half, device=q.device)
+        v_half = v.to(half).contiguous()
+        for i, j, r0, block in self._softmax_blocks(cache):
+            r1 = r0 + block.shape[0]
+            block = block.to(half)
+            cache.a_ref_t[i, j, :, r0:r1].copy_(block.t())
+            torch.matmul(block, v_half[i, j], out=out[i, j, r0:r1])
+        cache.out = out.to(v.dtype)
         return attn.merge_heads(cache.out.clone())
 
     def _sparse_attention(self, blk: Block, cache: AttentionCache, qkv: torch.Tensor,
@@ -247,24 +333,52 @@ class Eventful(Method):
         v_ref = attn.split_heads(qkv_old.chunk(3, dim=-1)[2])
         h, t, c = q.shape[1], q.shape[2], q.shape[3]
 
-        # query-key product: rows S, then columns S (the S x S block is computed twice)
-        sel.write_rows(cache.qk, (q_s * attn.scale) @ k.transpose(-2, -1))
-        sel.write_columns(cache.qk, (q * attn.scale) @ k_s.transpose(-2, -1))
+        # query-key product: rows S, then columns S (the S x S block is computed twice; the
+        # columns are written by _softmax_columns), each with its relative-position terms
+        # (the other logits keep theirs, see AttentionCache)
+        rows = (q_s * attn.scale) @ k.transpose(-2, -1)             # (B, h, K, T)
+        cols = (q * attn.scale) @ k_s.transpose(-2, -1)             # (B, h, T, K)
         count_rows(ledger, sel, 2 * h * t * c, "backbone")
+        rel = self._rel_terms(blk, q, grid, prefix, ledger)
+        if rel is not None:
+            rel_h, rel_w = rel                          # (B, h, T, kh), (B, h, T, kw)
+            kw = grid[1]
+            rows = add_rel_pos_(rows, sel.rows(rel_h), sel.rows(rel_w), grid)
+            cols = cols + rel_h.gather(-1, sel.column_index(cols.shape, sel.index // kw))
+            cols += rel_w.gather(-1, sel.column_index(cols.shape, sel.index % kw))
+            count_rows(ledger, sel, 2 * 2 * h * t, "backbone")  # both terms, rows and columns
+        sel.write_rows(cache.logits, rows)
         count_rows(ledger, sel, 2 * h * t, "overhead")  # rows and columns written
-        a = self._logits(blk, cache, q, grid, prefix, ledger)
+        a_s = self._softmax_columns(cache, sel, cols)              # (B, h, T, K)
 
-        # attention-value product: out += A_new[:, S] dv + dA v_ref[S]
-        a_s = sel.columns(a)                                       # (B, h, T, K)
-        d_a = sel.zero_padding_columns(a_s - sel.columns(cache.a_ref).to(a.dtype))
+        # attention-value product: out += A_new[:, S] dv + dA v_ref[S]; the columns S of
+        # A_ref are rows of its transpose
+        a_s_t = scratch("eventful.columns", a_s.shape[:2] + a_s.shape[:1:-1], a_s.dtype,
+                        a_s.device)
+        a_s_t = _copy(a_s_t, a_s.transpose(-2, -1))               # (B, h, K, T)
+        d_a_t = sel.zero_padding_rows(a_s_t - sel.rows(cache.a_ref_t).to(a_s.dtype))
         d_v = v_s - v_ref                                          # zero on padding rows
         half = self._av_dtype(v)
         out = cache.out
         out += (a_s.to(half) @ d_v.to(half)).to(out.dtype)
-        out += (d_a.to(half) @ v_ref.to(half)).to(out.dtype)
-        sel.write_columns(cache.a_ref, a_s)
+        out += (d_a_t.to(half).transpose(-2, -1) @ v_ref.to(half)).to(out.dtype)
+        sel.write_rows(cache.a_ref_t, a_s_t)
         count_rows(ledger, sel, 2 * h * t * c, "backbone")
         # dA and dv subtractions, A_ref columns written; the two additions into the output
         count_rows(ledger, sel, h * t + h * c + h * t, "overhead")
         ledger.add(2 * h * t * c, "overhead")
         return attn.merge_heads(out.clone())
+
+
+def _by_blocks(qk: torch.Tensor) -> bool:
+    """Whether the global-attention softmax runs by blocks of rows: on the CPU at inference
+    (a GPU wants one large kernel, not a loop of small ones)."""
+    return qk.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``source`` copied into ``target``; a transposed copy into a buffer that already
+    exists ran 3x faster than ``.contiguous()`` (measured on CPU)."""
+    if torch.is_grad_enabled():
+        return source.contiguous()
+    return target.copy_(source)

@@ -97,7 +97,7 @@ def test_fewer_tokens_approximate_and_half_precision(clips):
     frames = clips["mma_test.mp4"]
     dense, _ = run_backbone(model, build_method("none"), [frames])
     half, state = run_backbone(model, build_method("eventful", r=196, av_half=True), [frames])
-    assert state.blocks[1].attention.a_ref.dtype == torch.bfloat16
+    assert state.blocks[1].attention.a_ref_t.dtype == torch.bfloat16
     assert_same_tokens(half, dense, atol=2e-2)
     pruned, _ = run_backbone(model, build_method("eventful", r=48), [frames])
     err = [float((p.tokens - d.tokens).abs().mean()) for p, d in zip(pruned, dense)]
@@ -171,11 +171,12 @@ def hand_count(n: int, sparse: bool = True) -> dict[str, int]:
     windowed = windows * h * (w2 * w2 * c * 2                # q k^T and A v per window
                               + w2 * 2 * w * c               # relative-position einsums
                               + 2 * w2 * w2)                 # both terms added to the logits
-    rel_global = h * t * 2 * 8 * c + 2 * h * t * t
+    rel_einsums = h * t * 2 * 8 * c                          # every query, both terms
     if n == t or not sparse:
-        global_attention = 2 * h * t * t * c + rel_global
-    else:  # rows and columns of q k^T; A[:, S] dv + dA v_ref[S]
-        global_attention = 2 * h * n * t * c + rel_global + 2 * h * t * c * n
+        global_attention = 2 * h * t * t * c + rel_einsums + 2 * h * t * t
+    else:  # rows and columns of q k^T and their two terms; A[:, S] dv + dA v_ref[S]
+        global_attention = 2 * h * n * t * c + rel_einsums + 2 * 2 * h * n * t \
+            + 2 * h * t * c * n
     backbone = 2 * tokenwise + windowed + global_attention
     if n == t:  # the first frame: dense, the state keeps the outputs (no extra work)
         return {"backbone": backbone, "overhead": 0}
