@@ -56,6 +56,34 @@ ARCHS: dict[str, Arch] = _archs()
 
 _DEFAULT_CLASSES = {"detection": 80, "recognition": 400, "classification": 1000}
 
+#: What each architecture option must be, checked before any is used (options come from job
+#: specs and --option flags: a wrong type must say which option, not fail deep in a layer).
+_INT_OPTIONS = ("depth", "dim", "heads", "input_size", "window", "neck_channels", "clip_frames",
+                "temporal_depth", "tubelet")
+_NUMBER_LIST_OPTIONS = ("neck_scales", "pretrain_grid", "global_blocks")
+_TEXT_OPTIONS = ("head", "head_level")
+_MAPPING_OPTIONS = ("rcnn", "svit")
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    def number(v: Any, whole: bool) -> bool:
+        return not isinstance(v, bool) and (isinstance(v, int) or (not whole and
+                                                                   isinstance(v, float)))
+
+    problems = []
+    for key, value in options.items():
+        if key in _INT_OPTIONS and not (number(value, True) and value > 0):
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+        elif key in _NUMBER_LIST_OPTIONS and value is not None and not (
+                isinstance(value, (list, tuple)) and all(number(v, False) for v in value)):
+            problems.append(f"{key} must be a list of numbers, got {value!r}")
+        elif key in _TEXT_OPTIONS and not isinstance(value, str):
+            problems.append(f"{key} must be text, got {value!r}")
+        elif key in _MAPPING_OPTIONS and value is not None and not isinstance(value, dict):
+            problems.append(f"{key} must be a mapping, got {value!r}")
+    if problems:
+        raise ModelError(f"bad options for {name}: {'; '.join(problems)}")
+
 
 def build_arch(name: str, num_classes: int | None = None, class_names: list[str] | None = None,
                **options: Any) -> nn.Module:
@@ -73,6 +101,7 @@ def build_arch(name: str, num_classes: int | None = None, class_names: list[str]
     except KeyError:
         raise ModelError(f"unknown architecture {name!r}; available: {', '.join(sorted(ARCHS))}"
                          ) from None
+    _check_options(name, options)
     opts = {**arch.options, **options}
     if class_names is not None:
         num_classes = len(class_names)

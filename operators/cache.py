@@ -1,7 +1,7 @@
 """A node-local disk cache of object-store ranges, shared by every process on the node.
 
-Why: decord builds an index of every packet when it opens a video, so *each* open reads the
-whole file. A long video split into N segments is opened N times (once per segment, on
+Why: a segment's decoder indexes every packet when it opens a video (to number frames as
+decord does; decord itself does the same), so *each* open reads the whole file. A long video split into N segments is opened N times (once per segment, on
 whatever actor runs it): without a cache that is N times the file from the object store
 (measured in docs/CLUSTER.md, "Traffic"). With it, the range proxy fetches each chunk of a
 video at most once per node and serves later opens from local disk.

@@ -245,13 +245,14 @@ def mp4_problem(read: Callable[[int, int], bytes], size: int, tracks: bool = Tru
 def _track(data: bytes, start: int, end: int) -> tuple[bytes, str | None]:
     """(handler type, first sample-description fourcc) of a ``trak`` box."""
     handler, codec = b"", None
-    stack = [(start, end)]
+    stack = [(b"trak", start, end)]
     while stack:
-        s, e = stack.pop()
+        parent, s, e = stack.pop()
         for kind, ps, pe in _boxes(data, s, e):
             if kind in (b"mdia", b"minf", b"stbl"):
-                stack.append((ps, pe))
-            elif kind == b"hdlr" and pe - ps >= 12:
+                stack.append((kind, ps, pe))
+            elif kind == b"hdlr" and parent == b"mdia" and pe - ps >= 12:
+                # the media handler; QuickTime's minf holds a data handler ('url ') too
                 handler = data[ps + 8:ps + 12]
             elif kind == b"stsd" and pe - ps >= 16:
                 codec = _fourcc(data[ps + 12:ps + 16])

@@ -427,7 +427,7 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     from .memory import actor_resources
 
     actors, memory_bytes = actor_resources(spec.name, r, plan.model_size, plan.method,
-                                           manifest, log)
+                                           manifest, log, spec.decode.backend)
     from operators.metrics import JobMetrics
 
     metrics = JobMetrics(spec.name, plan.model_label, plan.method)

@@ -20,6 +20,10 @@ DECODER_BYTES = 64 << 20
 #: (FFmpeg's reference frames, the RGB conversion), 4 ring slots, ~31 in the actor (the frame,
 #: and its float copies at full resolution while it is resized).
 FRAME_BUFFERS = 44
+#: More frame-sized buffers per stream with ``decode.backend: decord``: its thread decodes a
+#: whole batch ahead (docs/MEMORY.md: child peak 1,367 against 97 MiB for PyAV on 1080p,
+#: i.e. 1,270 MiB / 5.93 MiB per frame).
+DECORD_FRAME_BUFFERS = 214
 #: Weights are held twice while a checkpoint loads (the file's tensors and the model's).
 WEIGHT_COPIES = 2
 #: Model memory per stream, in float32 values: (a, b, which) = a x tokens through the blocks
@@ -45,11 +49,13 @@ def stream_model_bytes(size: ModelSize, method: str) -> float:
     return 4.0 * (a * size.token_channels + b * attention)
 
 
-def actor_memory_bytes(size: ModelSize, method: str, frame_bytes: int, streams: int) -> int:
+def actor_memory_bytes(size: ModelSize, method: str, frame_bytes: int, streams: int,
+                       backend: str = "pyav") -> int:
     """Memory one annotator actor needs, its decoder children included (Ray's ``memory=``
-    for the actor). ``frame_bytes``: the largest RGB frame of the job's videos."""
-    per_stream = (stream_model_bytes(size, method) + DECODER_BYTES
-                  + FRAME_BUFFERS * frame_bytes)
+    for the actor). ``frame_bytes``: the largest RGB frame of the job's videos; ``backend``:
+    the decoder (``decode.backend``)."""
+    buffers = FRAME_BUFFERS + (DECORD_FRAME_BUFFERS if backend == "decord" else 0)
+    per_stream = (stream_model_bytes(size, method) + DECODER_BYTES + buffers * frame_bytes)
     return int(ACTOR_RUNTIME_BYTES + WEIGHT_COPIES * size.weights_bytes + streams * per_stream)
 
 
@@ -74,7 +80,8 @@ def model_size(runner: Any) -> ModelSize:
 
 
 def actor_resources(name: str, r: Any, size: ModelSize | None, method: str,
-                    manifest: Any, log: Callable[[str], None]) -> tuple[int, int | None]:
+                    manifest: Any, log: Callable[[str], None], backend: str = "pyav"
+                    ) -> tuple[int, int | None]:
     """(actors, Ray ``memory=`` per actor) for a job: ``r`` is its ``resources`` section;
     the memory is ``r.memory_per_actor_gib``, or the estimate for this model and the largest
     frame of the job's videos (``manifest``), kept within what the cluster's nodes offer so
@@ -89,7 +96,8 @@ def actor_resources(name: str, r: Any, size: ModelSize | None, method: str,
                                                manifest.column("probe_error").to_pylist())
                  if e is None]
         memory = actor_memory_bytes(size or ModelSize(), method,
-                                    max(sizes, default=1920 * 1080 * 3), r.streams_per_actor)
+                                    max(sizes, default=1920 * 1080 * 3), r.streams_per_actor,
+                                    backend)
     try:
         nodes = cluster.node_memory_bytes()
     except Exception:  # not connected (tests that call execute directly): no limits known

@@ -1,6 +1,7 @@
 """Reading generated benchmark data (``pipeline/synthetic.py``) for training and evaluation.
 
-Videos are decoded with decord, the decoder the pipeline itself uses, so models train on the
+Videos are decoded with decord (the pipeline's ``decode.backend: decord``; its default PyAV
+backend gives the same pixels, tests/operators/test_decord_backend.py), so models train on the
 same compressed frames they are evaluated and run on. Splits are small enough to hold decoded
 in memory (the default detection training split is about 1.2 GB of uint8 frames).
 """

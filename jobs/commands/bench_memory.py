@@ -40,9 +40,12 @@ def add_parser(sub) -> None:
                     "decoder and of an annotator actor on each, in fresh processes.")
     p.add_argument("--workdir", default="vidprune-output/bench-memory",
                    help="where the generated videos are kept (reused when present)")
-    p.add_argument("--long", type=int, default=10_000, metavar="FRAMES")
-    p.add_argument("--short", type=int, default=1_000, metavar="FRAMES")
-    p.add_argument("--size", default="1920x1080", metavar="WxH")
+    p.add_argument("--long", type=int, default=10_000, metavar="FRAMES",
+                   help="frames of the long test video (default 10000)")
+    p.add_argument("--short", type=int, default=1_000, metavar="FRAMES",
+                   help="frames of the short test video (default 1000)")
+    p.add_argument("--size", default="1920x1080", metavar="WxH",
+                   help="frame size of the test videos (default 1920x1080)")
     p.add_argument("--model-ms", type=float, default=50.0,
                    help="per-frame pause of the slow caller in the decord comparison")
     p.add_argument("--arch", action="append", default=[], metavar="ARCH",
@@ -54,9 +57,11 @@ def add_parser(sub) -> None:
                    help="at most this many frames of each video per actor run (default: one "
                         "segment of the default decode.segment_frames)")
     p.add_argument("--method", default="none", help="pruning method of the actor runs")
-    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--streams", type=int, default=1,
+                   help="streams per actor in the actor runs (default 1)")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["decoder", "decord", "index", "overhead", "actor"])
+                   choices=["decoder", "decord", "index", "overhead", "actor"],
+                   help="leave out a measurement (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

@@ -93,6 +93,9 @@ def main(args) -> int:
     }
     spec, notes = load_spec(None, args.overrides, base=base)
     code = run_spec(spec, notes, address=args.address, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"(Only the demo's input was prepared: generated scenes and links to the sample "
+              f"clips, in {spec.input.uri}.)")
     if code == 0 and not args.dry_run:
         print(f"\nresults: {out}/videos/videos.parquet (one row per video), "
               f"{out}/annotations/ (one Parquet file per segment), {out}/job.json")

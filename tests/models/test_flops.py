@@ -76,6 +76,9 @@ def test_architecture_options(capsys):
     (["--model", "videomae-b", "--frames", "0"], "--frames must be positive"),
     (["--model", "vitdet-b", "--option", "colour=red"], "unknown options for vitdet-b: colour"),
     (["--model", "vitdet-b", "--option", "tubelet"], "expected KEY=VALUE"),
+    (["--model", "vitdet-ti", "--option", "depth=abc"], "depth must be a positive integer"),
+    (["--model", "vitdet-ti", "--option", "window=abc"], "window must be a positive integer"),
+    (["--model", "vitdet-ti", "--option", "neck_scales=2"], "neck_scales must be a list"),
 ])
 def test_user_mistakes_exit_2_with_a_message(capsys, args, message):
     code, out, err = flops(capsys, *args)

@@ -69,3 +69,14 @@ def test_probe(sample_videos):
     assert info["frames_total"] == 164 and info["fps"] == 25.0
     assert (info["width"], info["height"]) == (320, 240)
     assert info["duration_s"] == pytest.approx(164 / 25, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["decord_video_90.mov", "decord_unordered.mov", "mma_test.mp4"])
+def test_a_sound_mp4_or_mov_has_no_header_problem(name):
+    """QuickTime files carry a second ``hdlr`` (the data handler, 'url ') inside ``minf``;
+    only the media handler (in ``mdia``) says what a track holds."""
+    from jobs.commands.demo import SAMPLES
+    from operators.decode import mp4_problem
+
+    data = (SAMPLES / name).read_bytes()
+    assert mp4_problem(lambda a, b: data[a:b], len(data)) is None

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from models import StreamRunner, build_arch, build_method
-from pipeline.memory import (ACTOR_RUNTIME_BYTES, FRAME_BUFFERS, ModelSize, actor_memory_bytes,
-                             actor_resources, model_size)
+from pipeline.memory import (ACTOR_RUNTIME_BYTES, DECORD_FRAME_BUFFERS, FRAME_BUFFERS, ModelSize,
+                             actor_memory_bytes, actor_resources, model_size)
 
 
 def test_the_model_size_comes_from_the_model_as_built():
@@ -35,6 +35,10 @@ def test_the_estimate_grows_with_streams_frames_and_state():
     # get the larger of the two.
     assert actor_memory_bytes(size, "eventful", 0, 1) > actor_memory_bytes(size, "none", 0, 1)
     assert actor_memory_bytes(size, "stgt", 0, 1) == actor_memory_bytes(size, "eventful", 0, 1)
+    # decord decodes a batch ahead in its child: more frames per stream
+    frame = 1920 * 1080 * 3
+    assert (actor_memory_bytes(size, "none", frame, 2, "decord")
+            - actor_memory_bytes(size, "none", frame, 2)) == 2 * DECORD_FRAME_BUFFERS * frame
 
 
 def test_the_request_fits_the_cluster(ray_session):

@@ -43,7 +43,7 @@ KEYS = {
               "top_k": None},
     "pruning": {"method": None, "r": None, "policy": None, "threshold": None},
     "decode": {"fps": None, "segment_frames": None, "clip_frames": None,
-               "frame_stride": None, "timeout_s": None, "retries": None},
+               "frame_stride": None, "timeout_s": None, "retries": None, "backend": None},
     "resources": {"actors": None, "gpus_per_actor": None, "cpus_per_actor": None,
                   "streams_per_actor": None},
     "output": {"uri": None, "mode": None, "storage": None},
