@@ -67,10 +67,11 @@ def add_parser(sub) -> None:
     from .run import add_job_options
 
     p = sub.add_parser(
-        "demo", help="run the main job on the bundled sample videos",
-        description="Run the main job on the sample videos shipped with vidprune (default "
-                    "model and method, local Ray), then print where the results are and a "
-                    "summary. Any spec key can be changed with --set.")
+        "demo", help="run the main job on the bundled sample videos and two generated scenes",
+        description="Run the main job on the sample videos shipped with vidprune and two "
+                    "scenes it generates (the default zoo model with the pruning its card "
+                    "recommends, local Ray), then print where the results are and a summary. "
+                    "Any spec key can be changed with --set.")
     p.add_argument("--out", default="vidprune-output/demo",
                    help="output folder (default: ./vidprune-output/demo; replaced on every "
                         "run)")
