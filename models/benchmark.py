@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .layers import release_scratch
+from .methods.gates import release_spare_state
 from .runner import RunnerState, StepOutput, StreamRunner
 
 
@@ -126,6 +127,9 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
         state = c.runner.new_state(batch)
         for t in range(min(warmup, n_frames)):
             _step(c, frames_at[t], state)
+        # ended, as a finished segment's state is: what it gives back (eventful's recycled
+        # state memory) is warm for the first repetition as it is for the next ones
+        del state
     out = [Measurement(c) for c in contenders]
     clock = time.perf_counter()
     if progress:
@@ -213,6 +217,7 @@ def measure_memory(m: Measurement, streams: Sequence[Sequence[np.ndarray]],
     frames = min(frames, len(streams[0]))
     gc.collect()
     release_scratch()
+    release_spare_state()  # a state's memory counts in full, as in a fresh process
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -238,6 +243,7 @@ def measure_memory(m: Measurement, streams: Sequence[Sequence[np.ndarray]],
     del state
     gc.collect()
     release_scratch()
+    release_spare_state()
 
 
 def _status_kb(field_name: str) -> int | None:
