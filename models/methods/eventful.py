@@ -255,8 +255,8 @@ class Eventful(Method):
                          cols: torch.Tensor | None = None) -> torch.Tensor:
         """First ``cols`` (B, h, T, K), if given, written into the columns ``sel`` of the
         cached logits (padding columns keep theirs); then the columns ``sel`` (B, h, T, K) of
-        the softmax of the logits (on the CPU at inference in a work buffer that the next
-        call overwrites). On the CPU by blocks of rows, the columns written into
+        the softmax of the logits (on the CPU at inference the transpose of a work buffer
+        that the next call overwrites). On the CPU by blocks of rows, the columns written into
         each block just before its softmax reads it (a scatter over the whole T x T matrix
         touched nearly every cache line of it once more)."""
         logits = cache.logits
@@ -265,8 +265,10 @@ class Eventful(Method):
                 sel.write_columns(logits, cols)
             return sel.columns(self._logits(cache, transient=True))
         b, h, t, _ = logits.shape
-        out = scratch("eventful.softmax_columns", (b, h, t, sel.width), logits.dtype,
-                      logits.device)
+        # written transposed, (B, h, K, T): the caller wants A_new[:, S] as rows of A_ref's
+        # transpose too, and this read of the block's columns ran faster than a contiguous one
+        out_t = scratch("eventful.softmax_columns", (b, h, sel.width, t), logits.dtype,
+                        logits.device)
         index, written = list(sel.index), None
         if cols is not None:
             written = list(cols)
@@ -274,8 +276,9 @@ class Eventful(Method):
                 index = [ix[m] for ix, m in zip(sel.index, sel.mask)]
                 written = [c[..., m] for c, m in zip(cols, sel.mask)]
         for i, j, r0, block in self._softmax_blocks(cache, index, written):
-            torch.index_select(block, 1, sel.index[i], out=out[i, j, r0:r0 + block.shape[0]])
-        return out
+            torch.index_select(block.t(), 0, sel.index[i],
+                               out=out_t[i, j, :, r0:r0 + block.shape[0]])
+        return out_t.transpose(-2, -1)
 
     def _softmax_blocks(self, cache: AttentionCache, index: list[torch.Tensor] | None = None,
                         cols: list[torch.Tensor] | None = None):
@@ -394,9 +397,9 @@ class Eventful(Method):
 
         # attention-value product: out += A_new[:, S] dv + dA v_ref[S]; the columns S of
         # A_ref are rows of its transpose
-        a_s_t = scratch("eventful.columns", a_s.shape[:2] + a_s.shape[:1:-1], a_s.dtype,
-                        a_s.device)
-        a_s_t = _copy(a_s_t, a_s.transpose(-2, -1))               # (B, h, K, T)
+        a_s_t = a_s.transpose(-2, -1)                              # (B, h, K, T)
+        if not a_s_t.is_contiguous():
+            a_s_t = _copy(scratch("eventful.columns", a_s_t.shape, a_s.dtype, a_s.device), a_s_t)
         ref_rows = sel.rows(cache.a_ref_t, out=buf("eventful.ref_rows", cache.a_ref_t.dtype))
         if work and ref_rows.dtype == a_s_t.dtype:  # into the buffer just read
             d_a_t = torch.sub(a_s_t, ref_rows, out=ref_rows)
