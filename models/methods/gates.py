@@ -81,15 +81,14 @@ def state_copy(x: torch.Tensor) -> torch.Tensor:
 
 def give_back(tensors: Iterable[torch.Tensor | None]) -> None:
     """Hand the tensors of a state that nobody uses any more to :func:`state_empty` (only
-    those it made; other tensors are left to the allocator). Spare tensors of shapes that
-    this state did not hold are freed: the spare memory stays at what the states that ended
-    last held (a batch of streams that shrinks does not keep the larger batch's memory)."""
+    those it made; other tensors are left to the allocator). Spare tensors that differ from
+    a given one in their leading (stream) dimension only are freed: a batch of streams that
+    shrinks does not keep the larger batch's memory."""
     given = [t for t in tensors if t is not None and getattr(t, "_state_memory", False)]
-    if not given:
-        return
     free = _spare.__dict__.setdefault("free", {})
     keys = [(tuple(t.shape), t.dtype, t.device, t.is_inference()) for t in given]
-    for stale in set(free) - set(keys):
+    other_batch = {(s[1:], *rest) for s, *rest in keys}
+    for stale in [k for k in free if k not in keys and (k[0][1:], *k[1:]) in other_batch]:
         del free[stale]
     for key, t in zip(keys, given):
         free.setdefault(key, []).append(t)

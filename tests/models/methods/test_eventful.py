@@ -175,10 +175,18 @@ def test_an_ended_state_gives_its_memory_to_the_next_first_frame(clips):
     for f, r in zip(fresh, reused, strict=True):
         assert torch.equal(f.tokens, r.tokens)
         assert torch.equal(f.ledger.run_macs(), r.ledger.run_macs())
-    # only tensors it made go back (nobody else may hold a view of them); a shrinking batch
-    # does not keep the larger batch's shapes
-    give_back([torch.ones(3)])
-    assert state_empty((3,), torch.float32, "cpu").data_ptr() not in held
+    # only tensors it made go back (nobody else may hold a view of them); a state of
+    # another batch size frees the spare tensors of the same kind, keeps the others
+    with torch.inference_mode():
+        pair, single, other = (state_empty(s, torch.float32, "cpu") for s in
+                               ((2, 3), (1, 3), (1, 4)))
+        give_back([pair, other])
+        give_back([single])
+        assert state_empty((2, 3), torch.float32, "cpu").data_ptr() != pair.data_ptr()
+        assert state_empty((1, 4), torch.float32, "cpu").data_ptr() == other.data_ptr()
+        foreign = torch.ones(1, 5)
+        give_back([foreign])
+        assert state_empty((1, 5), torch.float32, "cpu").data_ptr() != foreign.data_ptr()
     release_spare_state()
 
 
