@@ -123,13 +123,14 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
             raise TypeError("contenders need a runner from timed_runner()")
     batch = len(streams)
     frames_at = [[s[t] for s in streams] for t in range(n_frames)]
-    for c in contenders:
-        state = c.runner.new_state(batch)
+    warm = [c.runner.new_state(batch) for c in contenders]
+    for c, state in zip(contenders, warm):
         for t in range(min(warmup, n_frames)):
             _step(c, frames_at[t], state)
-        # ended, as a finished segment's state is: what it gives back (eventful's recycled
-        # state memory) is warm for the first repetition as it is for the next ones
-        del state
+    # ended together, as a finished segment's states are: what they give back (eventful's
+    # recycled state memory) is there for every contender's first repetition, as it is for
+    # the next repetitions
+    del warm, state
     out = [Measurement(c) for c in contenders]
     clock = time.perf_counter()
     if progress:
