@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .layers import release_scratch
+from .methods.gates import release_spare_state
 from .runner import RunnerState, StepOutput, StreamRunner
 
 
@@ -122,10 +123,14 @@ def run_side_by_side(contenders: Sequence[Contender], streams: Sequence[Sequence
             raise TypeError("contenders need a runner from timed_runner()")
     batch = len(streams)
     frames_at = [[s[t] for s in streams] for t in range(n_frames)]
-    for c in contenders:
-        state = c.runner.new_state(batch)
+    warm = [c.runner.new_state(batch) for c in contenders]
+    for c, state in zip(contenders, warm):
         for t in range(min(warmup, n_frames)):
             _step(c, frames_at[t], state)
+    # ended together, as a finished segment's states are: what they give back (eventful's
+    # recycled state memory) is there for every contender's first repetition, as it is for
+    # the next repetitions
+    del warm, state
     out = [Measurement(c) for c in contenders]
     clock = time.perf_counter()
     if progress:
@@ -213,6 +218,7 @@ def measure_memory(m: Measurement, streams: Sequence[Sequence[np.ndarray]],
     frames = min(frames, len(streams[0]))
     gc.collect()
     release_scratch()
+    release_spare_state()  # a state's memory counts in full, as in a fresh process
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -238,6 +244,7 @@ def measure_memory(m: Measurement, streams: Sequence[Sequence[np.ndarray]],
     del state
     gc.collect()
     release_scratch()
+    release_spare_state()
 
 
 def _status_kb(field_name: str) -> int | None:

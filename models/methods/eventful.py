@@ -32,6 +32,7 @@ cache on incremental frames.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,8 @@ from ..ledger import Ledger
 from ..vit import Embedded, ViT
 from . import register
 from .base import Method, MethodState, StepContext
-from .gates import Buffer, Gate, GateParams, Selection, count_linear, count_rows
+from .gates import (Buffer, Gate, GateParams, Selection, count_linear, count_rows, give_back,
+                    state_copy, state_empty)
 
 
 #: Elements of the T x T product that :meth:`Eventful._softmax_columns` handles at a time
@@ -88,25 +90,44 @@ class BlockState:
                 part.reset()
 
 
+def _block_tensors(blocks: list[BlockState]) -> list[torch.Tensor]:
+    """The tensors the blocks' state holds now: references, buffers, attention caches."""
+    tensors = []
+    for b in blocks:
+        tensors += [b.qkv_gate.ref, b.proj_gate.ref, b.mlp_gate.ref, b.qkv.value,
+                    b.proj.value, b.mlp.value]
+        if b.attention is not None:
+            tensors += [b.attention.logits, b.attention.a_ref_t, b.attention.out]
+    return [t for t in tensors if t is not None]
+
+
+def _give_back_blocks(blocks: list[BlockState]) -> None:
+    give_back(_block_tensors(blocks))
+
+
 @dataclass
 class EventfulState(MethodState):
+    """The state of a batch of streams. Its memory (1.6 GB per stream for ViTDet-B at 672)
+    goes back to :func:`~.gates.state_empty` when the streams restart (:meth:`reset`) or
+    the state ends, so that the next first frame reuses it instead of faulting in new
+    pages (measured: that was most of the cost of a first frame beyond a dense one)."""
+
     blocks: list[BlockState]
     started: bool = False  # False until a first (dense) frame filled the state
 
+    def __post_init__(self) -> None:
+        finalizer = weakref.finalize(self, _give_back_blocks, self.blocks)
+        finalizer.atexit = False
+
     def reset(self) -> None:
+        _give_back_blocks(self.blocks)
         for b in self.blocks:
             b.reset()
         self.started = False
 
     def nbytes(self) -> int:
         """Memory the state holds now (all streams): references, buffers, attention caches."""
-        tensors = []
-        for b in self.blocks:
-            tensors += [b.qkv_gate.ref, b.proj_gate.ref, b.mlp_gate.ref, b.qkv.value,
-                        b.proj.value, b.mlp.value]
-            if b.attention is not None:
-                tensors += [b.attention.logits, b.attention.a_ref_t, b.attention.out]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in _block_tensors(self.blocks))
 
 
 @register
@@ -234,7 +255,8 @@ class Eventful(Method):
                          cols: torch.Tensor | None = None) -> torch.Tensor:
         """First ``cols`` (B, h, T, K), if given, written into the columns ``sel`` of the
         cached logits (padding columns keep theirs); then the columns ``sel`` (B, h, T, K) of
-        the softmax of the logits. On the CPU by blocks of rows, the columns written into
+        the softmax of the logits (on the CPU at inference the transpose of a work buffer
+        that the next call overwrites). On the CPU by blocks of rows, the columns written into
         each block just before its softmax reads it (a scatter over the whole T x T matrix
         touched nearly every cache line of it once more)."""
         logits = cache.logits
@@ -243,7 +265,10 @@ class Eventful(Method):
                 sel.write_columns(logits, cols)
             return sel.columns(self._logits(cache, transient=True))
         b, h, t, _ = logits.shape
-        out = torch.empty(b, h, t, sel.width, dtype=logits.dtype, device=logits.device)
+        # written transposed, (B, h, K, T): the caller wants A_new[:, S] as rows of A_ref's
+        # transpose too, and this read of the block's columns ran faster than a contiguous one
+        out_t = scratch("eventful.softmax_columns", (b, h, sel.width, t), logits.dtype,
+                        logits.device)
         index, written = list(sel.index), None
         if cols is not None:
             written = list(cols)
@@ -251,8 +276,9 @@ class Eventful(Method):
                 index = [ix[m] for ix, m in zip(sel.index, sel.mask)]
                 written = [c[..., m] for c, m in zip(cols, sel.mask)]
         for i, j, r0, block in self._softmax_blocks(cache, index, written):
-            torch.index_select(block, 1, sel.index[i], out=out[i, j, r0:r0 + block.shape[0]])
-        return out
+            torch.index_select(block.t(), 0, sel.index[i],
+                               out=out_t[i, j, :, r0:r0 + block.shape[0]])
+        return out_t.transpose(-2, -1)
 
     def _softmax_blocks(self, cache: AttentionCache, index: list[torch.Tensor] | None = None,
                         cols: list[torch.Tensor] | None = None):
@@ -288,8 +314,13 @@ class Eventful(Method):
                          grid: Grid, prefix: int, ledger: Ledger) -> torch.Tensor:
         attn = blk.attn
         q, k, v = (attn.split_heads(z) for z in qkv.chunk(3, dim=-1))
-        h, t, c = q.shape[1], q.shape[2], q.shape[3]
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        b, h, t, c = q.shape
+        blocks = _by_blocks(q)
+        if blocks:  # straight into state memory (see EventfulState)
+            logits = torch.matmul(q * attn.scale, k.transpose(-2, -1),
+                                  out=state_empty((b, h, t, t), q.dtype, q.device))
+        else:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)
         ledger.matmul(h * t * t, c)
         rel = self._rel_terms(blk, q, grid, prefix, ledger)
         if rel is not None:
@@ -299,7 +330,7 @@ class Eventful(Method):
         cache.logits = logits
         half = self._av_dtype(v)
         ledger.matmul(h * t * c, t)  # A v
-        if not _by_blocks(logits):
+        if not blocks:
             # the softmax is transient: the state keeps its transpose
             a = self._logits(cache, transient=True).to(half)
             cache.a_ref_t = a.transpose(-2, -1).contiguous()
@@ -307,16 +338,16 @@ class Eventful(Method):
             return attn.merge_heads(cache.out.clone())
         # by blocks of rows: each block's softmax goes transposed into A_ref and times v into
         # the output while it is in cache (no T x T softmax is written, nor transposed whole)
-        b = q.shape[0]
-        cache.a_ref_t = torch.empty(b, h, t, t, dtype=half, device=q.device)
-        out = torch.empty(b, h, t, c, dtype=half, device=q.device)
+        cache.a_ref_t = state_empty((b, h, t, t), half, q.device)
+        out = state_empty((b, h, t, c), v.dtype, q.device) if half == v.dtype else \
+            torch.empty(b, h, t, c, dtype=half, device=q.device)
         v_half = v.to(half).contiguous()
         for i, j, r0, block in self._softmax_blocks(cache):
             r1 = r0 + block.shape[0]
             block = block.to(half)
             cache.a_ref_t[i, j, :, r0:r1].copy_(block.t())
             torch.matmul(block, v_half[i, j], out=out[i, j, r0:r1])
-        cache.out = out.to(v.dtype)
+        cache.out = out if half == v.dtype else state_copy(out.to(v.dtype))
         return attn.merge_heads(cache.out.clone())
 
     def _sparse_attention(self, blk: Block, cache: AttentionCache, qkv: torch.Tensor,
@@ -335,28 +366,46 @@ class Eventful(Method):
 
         # query-key product: rows S, then columns S (the S x S block is computed twice; the
         # columns are written by _softmax_columns), each with its relative-position terms
-        # (the other logits keep theirs, see AttentionCache)
-        rows = (q_s * attn.scale) @ k.transpose(-2, -1)             # (B, h, K, T)
-        cols = (q * attn.scale) @ k_s.transpose(-2, -1)             # (B, h, T, K)
+        # (the other logits keep theirs, see AttentionCache). The columns are computed
+        # transposed, (B, h, K, T): their relative-position terms are then rows of the
+        # transposed terms, read with one row index instead of a gather of every element.
+        # On the CPU at inference every (B, h, K, T) temporary lives in a work buffer: fresh
+        # ones of this size faulted their pages in on every frame.
+        b, k_width = q.shape[0], sel.width
+        work = _by_blocks(q)
+
+        def buf(tag: str, dtype: torch.dtype = q.dtype) -> torch.Tensor | None:
+            return scratch(tag, (b, h, k_width, t), dtype, q.device) if work else None
+
+        rows = torch.matmul(q_s * attn.scale, k.transpose(-2, -1), out=buf("eventful.qk_rows"))
+        cols_t = torch.matmul(k_s, (q * attn.scale).transpose(-2, -1),
+                              out=buf("eventful.qk_cols"))                # (B, h, K, T)
         count_rows(ledger, sel, 2 * h * t * c, "backbone")
         rel = self._rel_terms(blk, q, grid, prefix, ledger)
         if rel is not None:
             rel_h, rel_w = rel                          # (B, h, T, kh), (B, h, T, kw)
             kw = grid[1]
             rows = add_rel_pos_(rows, sel.rows(rel_h), sel.rows(rel_w), grid)
-            cols = cols + rel_h.gather(-1, sel.column_index(cols.shape, sel.index // kw))
-            cols += rel_w.gather(-1, sel.column_index(cols.shape, sel.index % kw))
+            for terms, at in ((rel_h, sel.index // kw), (rel_w, sel.index % kw)):
+                term_rows = Selection(at).rows(terms.transpose(-2, -1).contiguous(),
+                                               out=buf("eventful.rel_columns"))
+                cols_t = cols_t.add_(term_rows) if work else cols_t + term_rows
             count_rows(ledger, sel, 2 * 2 * h * t, "backbone")  # both terms, rows and columns
         sel.write_rows(cache.logits, rows)
         count_rows(ledger, sel, 2 * h * t, "overhead")  # rows and columns written
-        a_s = self._softmax_columns(cache, sel, cols)              # (B, h, T, K)
+        a_s = self._softmax_columns(cache, sel, cols_t.transpose(-2, -1))  # (B, h, T, K)
 
         # attention-value product: out += A_new[:, S] dv + dA v_ref[S]; the columns S of
         # A_ref are rows of its transpose
-        a_s_t = scratch("eventful.columns", a_s.shape[:2] + a_s.shape[:1:-1], a_s.dtype,
-                        a_s.device)
-        a_s_t = _copy(a_s_t, a_s.transpose(-2, -1))               # (B, h, K, T)
-        d_a_t = sel.zero_padding_rows(a_s_t - sel.rows(cache.a_ref_t).to(a_s.dtype))
+        a_s_t = a_s.transpose(-2, -1)                              # (B, h, K, T)
+        if not a_s_t.is_contiguous():
+            a_s_t = _copy(scratch("eventful.columns", a_s_t.shape, a_s.dtype, a_s.device), a_s_t)
+        ref_rows = sel.rows(cache.a_ref_t, out=buf("eventful.ref_rows", cache.a_ref_t.dtype))
+        if work and ref_rows.dtype == a_s_t.dtype:  # into the buffer just read
+            d_a_t = torch.sub(a_s_t, ref_rows, out=ref_rows)
+        else:
+            d_a_t = a_s_t - ref_rows.to(a_s.dtype)
+        d_a_t = sel.zero_padding_rows(d_a_t)
         d_v = v_s - v_ref                                          # zero on padding rows
         half = self._av_dtype(v)
         out = cache.out

@@ -20,14 +20,16 @@ stream's own rows to its own count.
 Counting (../shared/METHODS.md section 0): a gate's error costs ``T x W`` subtractions plus
 ``T x W`` multiply-accumulates for the squared norm, and every row written into a reference or
 a buffer on an incremental frame counts one op per element; both go to ``overhead``. State is
-filled on a stream's first frame by keeping the dense outputs themselves: nothing extra runs.
+filled on a stream's first frame from the dense outputs (copied, on the CPU at inference, into
+memory that ended states gave back: see :func:`state_empty`; copies are not arithmetic).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -36,6 +38,65 @@ from ..ledger import Ledger
 from .base import MethodError
 
 Count = int | torch.Tensor  # per-stream count: one int for all streams, or a (B,) tensor
+
+
+# --- spare state memory ---------------------------------------------------------------------
+
+_spare = threading.local()
+
+
+def _poolable(device: torch.device) -> bool:
+    """State memory is recycled on the CPU at inference only: there a fresh tensor of a few
+    megabytes or more is a new mapping whose pages fault in on first touch (measured: filling
+    the 1.2 GB of a first frame's attention state took 0.26-2.1 s fresh, 0.09 s reused). A
+    GPU's caching allocator recycles by itself; training must not share storage."""
+    return device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def state_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                ) -> torch.Tensor:
+    """An uninitialised tensor for a method state: a spare one that an ended state gave back
+    (:func:`give_back`) when one of this exact shape is there, else a new one. The caller
+    must write every element before reading any."""
+    device = torch.device(device)
+    if not _poolable(device):
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (tuple(shape), dtype, device, torch.is_inference_mode_enabled())
+    free = _spare.__dict__.setdefault("free", {}).get(key)
+    if free:
+        return free.pop()
+    t = torch.empty(shape, dtype=dtype, device=device)
+    t._state_memory = True  # give_back takes only these: nobody else can hold a view of them
+    return t
+
+
+def state_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` to be kept in a state: copied into :func:`state_empty` memory where memory is
+    recycled (so the caller's ``x`` goes back to the allocator for the next op), else ``x``
+    itself (owned from now on)."""
+    if not _poolable(x.device):
+        return x
+    return state_empty(tuple(x.shape), x.dtype, x.device).copy_(x)
+
+
+def give_back(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Hand the tensors of a state that nobody uses any more to :func:`state_empty` (only
+    those it made; other tensors are left to the allocator). Spare tensors that differ from
+    a given one in their leading (stream) dimension only are freed: a batch of streams that
+    shrinks does not keep the larger batch's memory."""
+    given = [t for t in tensors if t is not None and getattr(t, "_state_memory", False)]
+    free = _spare.__dict__.setdefault("free", {})
+    keys = [(tuple(t.shape), t.dtype, t.device, t.is_inference()) for t in given]
+    other_batch = {(s[1:], *rest) for s, *rest in keys}
+    for stale in [k for k in free if k not in keys and (k[0][1:], *k[1:]) in other_batch]:
+        del free[stale]
+    for key, t in zip(keys, given):
+        free.setdefault(key, []).append(t)
+
+
+def release_spare_state() -> None:
+    """Free the spare state tensors of this thread (memory measurements)."""
+    _spare.__dict__.pop("free", None)
 
 
 # --- selections --------------------------------------------------------------------------
@@ -81,10 +142,15 @@ class Selection:
         base = torch.arange(b * lead, device=self.index.device).view(b, lead, 1) * t
         return base + self.index[:, None, :]
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The selected rows of ``x`` (B, [h,] T, X) -> (B, [h,] K, X), padding rows included."""
+    def rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected rows of ``x`` (B, [h,] T, X) -> (B, [h,] K, X), padding rows
+        included; into ``out`` (contiguous, of that shape) if given."""
         flat = self._flat_rows(x.shape).reshape(-1)
-        out = x.reshape(-1, x.shape[-1]).index_select(0, flat)
+        source = x.reshape(-1, x.shape[-1])
+        if out is None:
+            out = source.index_select(0, flat)
+        else:
+            torch.index_select(source, 0, flat, out=out.view(-1, x.shape[-1]))
         return out.view(*x.shape[:-2], self.width, x.shape[-1])
 
     def write_rows(self, target: torch.Tensor, rows: torch.Tensor) -> None:
@@ -249,8 +315,9 @@ class Gate:
         self.ref = None
 
     def flush(self, c: torch.Tensor) -> None:
-        """First frame: every token passes; ``c`` becomes the reference (owned from now on)."""
-        self.ref = c
+        """First frame: every token passes; ``c`` becomes the reference (see
+        :func:`state_copy`)."""
+        self.ref = state_copy(c)
 
     def __call__(self, c: torch.Tensor, ledger: Ledger) -> tuple[Selection, torch.Tensor]:
         """Select tokens of ``c`` (B, T, W); returns the selection and their rows of ``c``."""
@@ -298,8 +365,8 @@ class Buffer:
         self.value = None
 
     def fill(self, y: torch.Tensor) -> None:
-        """First frame: the dense output ``y`` becomes the buffer (owned from now on)."""
-        self.value = y
+        """First frame: the dense output ``y`` becomes the buffer (see :func:`state_copy`)."""
+        self.value = state_copy(y)
 
     def update(self, sel: Selection, rows: torch.Tensor, ledger: Ledger) -> None:
         sel.write_rows(self.value, rows)

@@ -13,7 +13,9 @@ from torch.testing import assert_close
 
 from models import StreamRunner, build_method
 from models.methods import MethodError
-from models.methods.gates import Buffer, Gate, Threshold, TopFraction, TopR
+from models.methods.eventful import _block_tensors
+from models.methods.gates import (Buffer, Gate, Threshold, TopFraction, TopR, give_back,
+                                  release_spare_state, state_empty)
 
 from .streams import (  # noqa: F401  (fixtures)
     VIDEOS,
@@ -153,6 +155,39 @@ def test_state_never_leaks_between_segments(clips):
     for f, r, n in zip(fresh, reused, new):
         assert torch.equal(f.tokens, r.tokens) and torch.equal(f.tokens, n.tokens)
         assert torch.equal(f.ledger.run_macs(), r.ledger.run_macs())
+
+
+def test_an_ended_state_gives_its_memory_to_the_next_first_frame(clips):
+    """State memory is recycled on the CPU (a first frame otherwise faults in its pages):
+    the next state's first frame takes an ended state's tensors, and its results are a
+    fresh start's, bit for bit."""
+    a, b = clips["mma_test.mp4"], clips["decord_flipping_a_pancake.mkv"]
+    model = vitdet()
+    method = build_method("eventful", r=48)
+    release_spare_state()
+    fresh, _ = run_backbone(model, method, [b])
+    _, used = run_backbone(model, method, [a])
+    held = {t.data_ptr() for t in _block_tensors(used.blocks)}
+    assert len(held) == 4 * 6 + 2 * 3  # four blocks: gates, buffers; two global caches
+    del used
+    reused, state = run_backbone(model, method, [b])
+    assert {t.data_ptr() for t in _block_tensors(state.blocks)} == held
+    for f, r in zip(fresh, reused, strict=True):
+        assert torch.equal(f.tokens, r.tokens)
+        assert torch.equal(f.ledger.run_macs(), r.ledger.run_macs())
+    # only tensors it made go back (nobody else may hold a view of them); a state of
+    # another batch size frees the spare tensors of the same kind, keeps the others
+    with torch.inference_mode():
+        pair, single, other = (state_empty(s, torch.float32, "cpu") for s in
+                               ((2, 3), (1, 3), (1, 4)))
+        give_back([pair, other])
+        give_back([single])
+        assert state_empty((2, 3), torch.float32, "cpu").data_ptr() != pair.data_ptr()
+        assert state_empty((1, 4), torch.float32, "cpu").data_ptr() == other.data_ptr()
+        foreign = torch.ones(1, 5)
+        give_back([foreign])
+        assert state_empty((1, 5), torch.float32, "cpu").data_ptr() != foreign.data_ptr()
+    release_spare_state()
 
 
 # --- the ledger -----------------------------------------------------------------------------
