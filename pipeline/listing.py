@@ -91,8 +91,12 @@ def list_videos(fs: Any, root: str, patterns: list[str] | tuple[str, ...]) -> li
         if entry.get("islink"):  # a local link: it stands for what it points to
             try:
                 entry = fs.info(path)  # follows the link
-            except (FileNotFoundError, OSError):
+            except FileNotFoundError:
                 out[uri] = VideoObject(uri, 0, "link", BROKEN_LINK)
+                continue
+            except OSError as exc:  # a loop of links, a target we may not look at
+                out[uri] = VideoObject(uri, 0, "link", f"a symbolic link whose target cannot "
+                                                       f"be read ({exc.strerror or exc})")
                 continue
             kind = entry.get("type")
             folder = kind == "directory"

@@ -71,7 +71,7 @@ def choose(rows: list[dict[str, Any]], tolerance_points: float) -> dict[str, dic
     return chosen
 
 
-def card_section(model: str, picks: dict[str, dict[str, Any]], dense: dict[str, Any],
+def card_section(picks: dict[str, dict[str, Any]], dense: dict[str, Any],
                  tolerance_points: float, sources: list[str]) -> dict[str, Any]:
     # no method within tolerance: the model runs densely unless a spec asks otherwise
     default = max(picks, key=lambda m: picks[m]["savings"]) if picks else "none"
@@ -140,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
         if not card_path.is_file():
             raise UserError(f"{card_path}: no card for {model}")
         card = json.loads(card_path.read_text())
-        card["pruning"] = card_section(model, picks.get(model, {}), dense[model],
-                                       args.tolerance, args.results)
+        card["pruning"] = card_section(picks.get(model, {}), dense[model], args.tolerance,
+                                       args.results)
         tmp = card_path.with_name(card_path.name + ".part")
         tmp.write_text(json.dumps(card, indent=2) + "\n")
         os.replace(tmp, card_path)

@@ -90,10 +90,12 @@ def test_symbolic_links_are_followed_to_their_files(tmp_path):
     os.symlink(store / "real.mp4", root / "link.mp4")
     os.symlink(store / "gone.mp4", root / "broken.mp4")
     os.symlink(store / "dir.mp4", root / "folder_link.mp4")
+    os.symlink(root / "loop.mp4", root / "loop.mp4")  # points at itself
     found = {v.uri.rsplit("/", 1)[1]: v for v in list_videos(LocalFileSystem(), str(root),
                                                               ["*.mp4"])}
-    assert set(found) == {"link.mp4", "broken.mp4", "folder_link.mp4"}
+    assert set(found) == {"link.mp4", "broken.mp4", "folder_link.mp4", "loop.mp4"}
     assert found["link.mp4"].problem is None and found["link.mp4"].size_bytes == 5
     assert found["link.mp4"].identity.startswith("size:5:")
     assert found["broken.mp4"].problem == "a symbolic link to a file that does not exist"
     assert found["folder_link.mp4"].problem == FOLDER
+    assert found["loop.mp4"].problem.startswith("a symbolic link whose target cannot be read")
