@@ -282,10 +282,15 @@ def test_logit_distillation_brings_the_training_keep_bits_to_their_targets(
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known gap (docs/RESULTS.md, SViT on the recognizer): the Gumbel keep bits meet their "
-    "targets in expectation while every token's keep probability settles near the target "
-    "itself, so keep-iff-the-keep-logit-wins keeps all tokens of a block whose target is "
-    "above 0.5 and none below; nothing in the paper's training makes the gates decisive"))
+    "known gap of the paper's recipe (settle=0; docs/RESULTS.md, SViT notes): the Gumbel "
+    "keep bits meet their targets in expectation while every token's keep probability "
+    "settles near the target itself, so keep-iff-the-keep-logit-wins keeps all tokens of a "
+    "block whose target is above 0.5 and none below. Settling the noise (settle > 0) ends "
+    "training on the inference decisions (test_settled_training_forward_decides_as_"
+    "inference_does) and brought the zoo models' val keep fractions to their targets, but "
+    "on this tiny model the settled gates decide by margins so small that held-out "
+    "fractions did not follow the training's reliably, so this test keeps the paper's "
+    "recipe"))
 def test_inference_keeps_as_many_tokens_as_training_did(distilled_recognizer):
     model, history, measured = distilled_recognizer
     late = [sum(r.keep[i] for r in history[-20:]) / 20 for i in range(len(measured.fraction))]
