@@ -145,3 +145,32 @@ def test_labels_train_on_a_generated_task_folder(task, tmp_path, capsys):
                  str(bad), "--steps", "1"]) == 2
     assert f"holds {other} data" in capsys.readouterr().err
     assert not list(tmp_path.glob("bad*"))
+
+
+def test_svit_keep_script_reports_what_the_gates_keep(tmp_path):
+    """scripts/svit_keep.py (the source of docs/RESULTS.md's keep fractions) on gates
+    trained by the command: one figure per gated block, each a fraction."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data, zoo = tmp_path / "data", tmp_path / "zoo"
+    zoo.mkdir()
+    assert main(["generate", "--out", str(data), "--task", "recognition", "--quiet",
+                 "--train", "2", "--val", "2", "--test", "0"]) == 0
+    assert main(["train-gates", "--model", "videomae-ti", "--option", "input_size=32",
+                 "--option", "depth=3", "--option", "dim=32", "--option", "heads=2",
+                 "--option", "num_classes=9", "--data", str(data / "recognition"), "--labels",
+                 "--out", str(zoo / "tiny-svit.safetensors"), "--steps", "1",
+                 "--dense-blocks", "1", "--keep-ratios", "0.6,0.4"]) == 0
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "svit_keep.py"), "--zoo-dir",
+                          str(zoo), "--model", "tiny-svit", "--data", str(data), "--limit", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = dict(line.split("  ", 1) for line in out.splitlines()[1:])
+    assert out.startswith("tiny-svit on 2 val clips")
+    assert [float(v) for v in lines["keep target"].split()] == [0.6, 0.4]
+    for key in ("kept at inference", "keep probability", "median |margin|"):
+        values = [float(v) for v in lines[key].split()]
+        assert len(values) == 2 and all(0.0 <= v for v in values), (key, values)
+    assert all(v <= 1.0 for v in map(float, lines["kept at inference"].split()))
