@@ -83,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
 
     from models import build_arch, build_method
     from models.registry import ZOO_DIR, ModelError, build_zoo_model, zoo_entries
-    from models.runner import IMAGENET_MEAN, IMAGENET_STD, StreamRunner
+    from models.runner import StreamRunner
     from models.training import TrainConfig, detection_loss, fit, recognition_loss, \
         save_zoo_entry
-    from pipeline.training_data import DatasetError, augment_clip, dataset_meta, \
-        flip_detection, load_detection_frames, load_recognition_clips, trainable_boxes
+    from pipeline.training_data import DatasetError, dataset_meta, load_detection_frames, \
+        load_recognition_clips
 
     recipe = RECIPES[args.task]
     name = args.name or recipe["name"]
@@ -129,8 +129,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--init-from {args.init_from}: {exc}") from None
         print(f"initialised {len(copied)} tensors from {args.init_from}", file=sys.stderr)
     prep = StreamRunner(model, build_method("none"))  # the exact preprocessing of inference
-    mean = torch.tensor(getattr(model, "pixel_mean", IMAGENET_MEAN)).view(3, 1, 1)
-    std = torch.tensor(getattr(model, "pixel_std", IMAGENET_STD)).view(3, 1, 1)
 
     print(f"loading {args.task} training data from {data_root}", file=sys.stderr, flush=True)
     t_load = time.time()
@@ -149,33 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     def next_batch(step: int):
         rng = np.random.default_rng([args.seed, step])  # a function of the step: resumable
-        idx = rng.integers(0, n_items, size=batch)
-        if args.task == "detection":
-            images, boxes, labels = [], [], []
-            for i in idx:
-                frame, lab = data.frames[i], data.labels[i]
-                keep = trainable_boxes(lab)
-                bx, lb = lab.boxes[keep], lab.labels[keep]
-                if rng.random() < 0.5:
-                    frame, bx = flip_detection(frame, bx)
-                img, scale, _ = prep.preprocess_detection(np.ascontiguousarray(frame))
-                images.append(img)
-                boxes.append(torch.from_numpy(bx * scale))
-                labels.append(torch.from_numpy(lb))
-            return torch.stack(images), boxes, labels
-        clips, labels = [], []
-        for i in idx:
-            clip, label = augment_clip(data.clips[i], int(data.labels[i]), rng)
-            if clip.shape[1:3] == (prep.input_size, prep.input_size):
-                # already the input size: the runner's resize and crop are the identity, so
-                # normalise the whole clip at once
-                x = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).float()
-                clips.append((x - mean[:, None]) / std[:, None])
-            else:
-                frames = [prep.preprocess_recognition(np.ascontiguousarray(f)) for f in clip]
-                clips.append(torch.stack(frames, dim=1))
-            labels.append(label)
-        return torch.stack(clips), torch.tensor(labels)
+        return labelled_batch(args.task, data, prep, batch, rng)
 
     if args.task == "detection":
         loss_fn = lambda m, b: detection_loss(m, *b)  # noqa: E731
@@ -226,6 +198,49 @@ def run(args: argparse.Namespace) -> int:
     card_path.with_suffix(".md").write_text(card_markdown(name, full, weights.stat().st_size))
     print(weights)
     return 0
+
+
+def labelled_batch(task: str, data, prep, batch: int, rng):
+    """A random training batch of ``data`` (``load_detection_frames`` or
+    ``load_recognition_clips`` output) with its labels, augmented and preprocessed as the
+    runner preprocesses (``prep``: a ``StreamRunner`` of the model): detection (images,
+    boxes, classes), boxes in input pixels; recognition (clips, class ids)."""
+    import numpy as np
+    import torch
+
+    from models.runner import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.training_data import augment_clip, flip_detection, trainable_boxes
+
+    n_items = len(data.frames) if task == "detection" else len(data.labels)
+    idx = rng.integers(0, n_items, size=batch)
+    if task == "detection":
+        images, boxes, labels = [], [], []
+        for i in idx:
+            frame, lab = data.frames[i], data.labels[i]
+            keep = trainable_boxes(lab)
+            bx, lb = lab.boxes[keep], lab.labels[keep]
+            if rng.random() < 0.5:
+                frame, bx = flip_detection(frame, bx)
+            img, scale, _ = prep.preprocess_detection(np.ascontiguousarray(frame))
+            images.append(img)
+            boxes.append(torch.from_numpy(bx * scale))
+            labels.append(torch.from_numpy(lb))
+        return torch.stack(images), boxes, labels
+    mean = torch.tensor(getattr(prep.model, "pixel_mean", IMAGENET_MEAN)).view(3, 1, 1)
+    std = torch.tensor(getattr(prep.model, "pixel_std", IMAGENET_STD)).view(3, 1, 1)
+    clips, labels = [], []
+    for i in idx:
+        clip, label = augment_clip(data.clips[i], int(data.labels[i]), rng)
+        if clip.shape[1:3] == (prep.input_size, prep.input_size):
+            # already the input size: the runner's resize and crop are the identity, so
+            # normalise the whole clip at once
+            x = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).float()
+            clips.append((x - mean[:, None]) / std[:, None])
+        else:
+            frames = [prep.preprocess_recognition(np.ascontiguousarray(f)) for f in clip]
+            clips.append(torch.stack(frames, dim=1))
+        labels.append(label)
+    return torch.stack(clips), torch.tensor(labels)
 
 
 def card_markdown(name: str, card: dict, weights_bytes: int) -> str:

@@ -2,7 +2,11 @@
 
 Reads a plain folder of videos with decord and distils the gated model to the same model run
 densely (no labels needed): to its class probabilities for recognizers and classifiers, to its
-final feature map for detectors (see ``models/svit_training.py``). Writes ``--out`` (safetensors:
+final feature map for detectors (see ``models/svit_training.py``). With ``--labels`` it reads
+instead the labelled training split of a task folder made by ``vidprune generate`` and trains
+on the model's own task loss, as the paper fine-tunes on its task (cross-entropy for
+recognizers, the CenterNet loss of ``vidprune train`` for detectors), with the same
+augmentation and preprocessing as ``vidprune train``. Writes ``--out`` (safetensors:
 the model's weights plus its gates) and a zoo card beside it (``<out>.json``: architecture,
 options with the gate spec, class names, how the gates were trained). Copying both into
 ``models/zoo/`` ships the model as a zoo entry that runs with ``pruning.method: svit``.
@@ -33,14 +37,29 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", help="weights for an architecture (.safetensors, .pth ...)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, VALUE as JSON (e.g. depth=6); repeatable")
-    p.add_argument("--data", required=True, help="folder of videos (searched recursively)")
+    p.add_argument("--data", required=True,
+                   help="folder of videos (searched recursively); with --labels, a task folder "
+                        "of `vidprune generate` (e.g. runs/synth/recognition)")
+    p.add_argument("--labels", action="store_true",
+                   help="train on the labels of --data's train split with the model's task "
+                        "loss (cross-entropy, or CenterNet's for detectors) instead of "
+                        "distilling to the dense model")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors); the zoo card "
                                                 "is written beside it as .json")
     p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
     p.add_argument("--batch", type=int, default=2, help="clips or frames per step (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate (default 1e-3)")
     p.add_argument("--backbone-lr", type=float, default=0.0,
-                   help="also fine-tune the rest of the model at this rate (default 0: frozen)")
+                   help="also fine-tune the rest of the model at this rate (default 0: frozen; "
+                        "the paper fine-tunes the whole model)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rates: constant (default) or a cosine decay to 0 over the "
+                        "steps (the DeiT recipe the paper fine-tunes with)")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="share of the final steps over which the Gumbel noise of the keep "
+                        "bits fades to 0, so that training ends on the inference decisions "
+                        "(default 0: noise throughout, as the paper; a deviation, see "
+                        "models/svit_training.py)")
     p.add_argument("--dense-blocks", type=int,
                    help="blocks left ungated in front (default: depth // 4, the authors' 3 of 12)")
     p.add_argument("--keep-ratios", help="comma-separated keep targets, one per gated block "
@@ -64,6 +83,13 @@ def _check_args(args) -> tuple[Path, list[Path], dict]:
     videos = []
     if not data.is_dir():
         problems.append(f"--data {data}: not a folder")
+    elif args.labels:
+        from pipeline.training_data import DatasetError, dataset_meta
+
+        try:
+            dataset_meta(data)
+        except DatasetError as exc:
+            problems.append(f"--data {data} with --labels: {exc}")
     else:
         videos = sorted(p for p in data.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
         if not videos:
@@ -76,6 +102,8 @@ def _check_args(args) -> tuple[Path, list[Path], dict]:
     for name in ("steps", "batch", "frame_stride"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.settle <= 1.0:
+        problems.append("--settle must be in [0, 1]")
     if args.threads < 0:
         problems.append("--threads must be 0 or more")
     spec = {}
@@ -89,6 +117,37 @@ def _check_args(args) -> tuple[Path, list[Path], dict]:
     if problems:
         raise UserError("\n  ".join(["bad arguments:"] + problems))
     return out, videos, spec
+
+
+class LabelledSamples:
+    """Endless random labelled training batches of a generated task folder's train split,
+    as ``vidprune train`` makes them (``labels`` for ``train_gates``: class ids, or
+    (boxes, classes) for detection)."""
+
+    def __init__(self, task: str, root: Path, prep, seed: int):
+        from pipeline.training_data import load_detection_frames, load_recognition_clips
+
+        self.task, self.prep, self.seed = task, prep, seed
+        if task == "detection":
+            self.data = load_detection_frames(root, "train")
+            self.items = len(self.data.frames)
+        else:
+            self.data = load_recognition_clips(root, "train")
+            self.items = len(self.data.labels)
+        if not self.items:
+            raise UserError(f"--data {root}: the train split has no videos")
+
+    def batches(self, batch: int):
+        import numpy as np
+
+        from .train import labelled_batch
+
+        step = 0
+        while True:
+            step += 1
+            out = labelled_batch(self.task, self.data, self.prep, batch,
+                                 np.random.default_rng([self.seed, step]))
+            yield (out[0], (out[1], out[2])) if self.task == "detection" else out
 
 
 class VideoClips:
@@ -185,23 +244,43 @@ def run(args) -> int:
         frames, preprocess = 1, lambda f: prep.preprocess_detection(f)[0]
     else:
         frames, preprocess = 1, prep.preprocess_recognition
-    source = VideoClips(videos, frames, args.frame_stride, preprocess, args.seed)
+    if args.labels:
+        from pipeline.training_data import dataset_meta
+
+        meta = dataset_meta(args.data)
+        task = meta.get("task")
+        if task != model.task:
+            raise UserError(f"--data {args.data} holds {task} data; {base} is a "
+                            f"{model.task} model")
+        if len(meta["classes"]) != len(model.class_names):
+            raise UserError(f"--data {args.data} has {len(meta['classes'])} classes; {base} "
+                            f"predicts {len(model.class_names)}")
+        source = LabelledSamples(task, Path(args.data), prep, args.seed)
+        n_data = source.items
+        data_note = f"{n_data} labelled training items from {Path(args.data).name}"
+    else:
+        source = VideoClips(videos, frames, args.frame_stride, preprocess, args.seed)
+        n_data = len(source.readers)
+        data_note = f"{n_data} videos from {Path(args.data).name}"
 
     print(f"training SViT gates of {base}: {len(gates.gates)} gated blocks after "
           f"{gates.dense_blocks} dense, keep targets {gates.keep_ratios}; "
-          f"{len(source.readers)} videos, {args.steps} steps of {args.batch}", file=sys.stderr)
+          f"{data_note}, {args.steps} steps of {args.batch}", file=sys.stderr)
     started = time.monotonic()
     every = max(1, args.steps // 20)
 
     def progress(rec) -> None:
         if rec.step % every == 0 or rec.step == args.steps:
             keep = " ".join(f"{k:.2f}" for k in rec.keep)
-            print(f"step {rec.step}/{args.steps}  loss {rec.loss:.4f}  distill "
+            print(f"step {rec.step}/{args.steps}  loss {rec.loss:.4f}  {task_name} "
                   f"{rec.task_loss:.4f}  ratio {rec.ratio_loss:.4f}  keep [{keep}]  "
+                  f"noise {rec.noise:.2f}  "
                   f"{time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
 
+    task_name = "task" if args.labels else "distill"
     config = GateTraining(steps=args.steps, lr=args.lr, backbone_lr=args.backbone_lr,
-                          distill=args.distill)
+                          distill=args.distill, settle=args.settle,
+                          schedule=args.schedule)
     try:
         mode = distill_mode(model, config)
     except ValueError as exc:
@@ -217,13 +296,18 @@ def run(args) -> int:
         "base_model": base,
         "svit_training": {
             "steps": len(history), "batch": args.batch, "lr": args.lr,
-            "backbone_lr": args.backbone_lr, "frame_stride": args.frame_stride,
-            "loss": "distillation to the dense model ("
-            + ("cross-entropy against its class probabilities" if mode == "logits"
-               else "MSE of the final backbone map")
-            + f") + {config.ratio_weight:g} x sum of (mean keep - target)^2"
+            "backbone_lr": args.backbone_lr, "labels": args.labels,
+            "schedule": args.schedule, "settle": args.settle,
+            "frame_stride": None if args.labels else args.frame_stride,
+            "loss": (("task loss on labels (" + ("CenterNet" if model.task == "detection"
+                                                 else "cross-entropy") + ")")
+                     if args.labels else
+                     "distillation to the dense model ("
+                     + ("cross-entropy against its class probabilities" if mode == "logits"
+                        else "MSE of the final backbone map") + ")")
+            + f" + {config.ratio_weight:g} x sum of (mean keep - target)^2"
             + f" (Gumbel-softmax tau {config.tau:g})",
-            "data": f"{len(source.readers)} videos from {Path(args.data).name}",
+            "data": data_note,
             "final_loss": history[-1].loss if history else None,
             "final_keep_training": history[-1].keep if history else None,
             "keep_targets": gates.keep_ratios,

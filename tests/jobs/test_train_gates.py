@@ -57,6 +57,7 @@ def test_trains_and_ships_a_zoo_entry(videos, tmp_path, monkeypatch, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--model", "no-such-model"], "unknown model"),
     (["--keep-ratios", "0.5"], "keep_ratios needs 3 values"),
+    (["--settle", "1.5"], "--settle must be in [0, 1]"),
 ])
 def test_user_mistakes_exit_2_and_write_nothing(change, message, videos, tmp_path, capsys):
     args = ["train-gates", *TINY, "--data", str(videos),
@@ -97,3 +98,79 @@ def test_undecodable_videos_are_dropped(videos, tmp_path, capsys):
     assert main(["train-gates", *TINY, "--data", str(videos), "--out", str(out),
                  "--steps", "1"]) == 2
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("task", ["detection", "recognition"])
+def test_labels_train_on_a_generated_task_folder(task, tmp_path, capsys):
+    """--labels reads the labelled train split of `vidprune generate` and trains on the
+    model's own task loss; data of the other task or other classes exit 2."""
+    data = tmp_path / "data"
+    sizes = ["--train", "2", "--val", "0", "--test", "0"] if task == "detection" else \
+        ["--train", "4", "--val", "0", "--test", "0"]
+    assert main(["generate", "--out", str(data), "--task", task, "--frames", "3", "--quiet",
+                 *sizes]) == 0
+    model = (["--model", "vitdet-ti", "--option", "input_size=64", "--option", "window=2",
+              "--option", "depth=4", "--option", "dim=32", "--option", "heads=2",
+              "--option", "neck_channels=16", "--option", "num_classes=5"]
+             if task == "detection" else
+             ["--model", "videomae-ti", "--option", "input_size=32", "--option", "depth=2",
+              "--option", "dim=32", "--option", "heads=2", "--option", "num_classes=9"])
+    out = tmp_path / "gated.safetensors"
+    capsys.readouterr()
+    assert main(["train-gates", *model, "--data", str(data / task), "--labels", "--out",
+                 str(out), "--steps", "2", "--batch", "2", "--backbone-lr", "1e-4",
+                 "--settle", "0.5", "--schedule", "cosine"]) == 0
+    err = capsys.readouterr().err
+    assert "labelled training items" in err and "step 2/2" in err and " task " in err
+    assert "noise 0.00" in err  # settled: the last step draws the inference decisions
+    card = json.loads(out.with_suffix(".json").read_text())["svit_training"]
+    assert card["labels"] is True and card["frame_stride"] is None
+    assert card["loss"].startswith("task loss on labels (" +
+                                   ("CenterNet" if task == "detection" else "cross-entropy"))
+    assert card["steps"] == 2 and card["backbone_lr"] == 1e-4 and card["settle"] == 0.5
+    assert card["schedule"] == "cosine"
+
+    other = "recognition" if task == "detection" else "detection"
+    bad = tmp_path / "bad.safetensors"
+    assert main(["train-gates", *model, "--data", str(data), "--labels", "--out", str(bad),
+                 "--steps", "1"]) == 2  # the generate root, not a task folder
+    assert "--labels" in capsys.readouterr().err
+    wrong = [*model[:-1], "num_classes=3"]
+    assert main(["train-gates", *wrong, "--data", str(data / task), "--labels", "--out",
+                 str(bad), "--steps", "1"]) == 2
+    assert "classes" in capsys.readouterr().err
+    assert main(["generate", "--out", str(data), "--task", other, "--frames", "3", "--quiet",
+                 "--train", "1", "--val", "0", "--test", "0"]) == 0
+    assert main(["train-gates", *model, "--data", str(data / other), "--labels", "--out",
+                 str(bad), "--steps", "1"]) == 2
+    assert f"holds {other} data" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_svit_keep_script_reports_what_the_gates_keep(tmp_path):
+    """scripts/svit_keep.py (the source of docs/RESULTS.md's keep fractions) on gates
+    trained by the command: one figure per gated block, each a fraction."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data, zoo = tmp_path / "data", tmp_path / "zoo"
+    zoo.mkdir()
+    assert main(["generate", "--out", str(data), "--task", "recognition", "--quiet",
+                 "--train", "2", "--val", "2", "--test", "0"]) == 0
+    assert main(["train-gates", "--model", "videomae-ti", "--option", "input_size=32",
+                 "--option", "depth=3", "--option", "dim=32", "--option", "heads=2",
+                 "--option", "num_classes=9", "--data", str(data / "recognition"), "--labels",
+                 "--out", str(zoo / "tiny-svit.safetensors"), "--steps", "1",
+                 "--dense-blocks", "1", "--keep-ratios", "0.6,0.4"]) == 0
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "svit_keep.py"), "--zoo-dir",
+                          str(zoo), "--model", "tiny-svit", "--data", str(data), "--limit", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = dict(line.split("  ", 1) for line in out.splitlines()[1:])
+    assert out.startswith("tiny-svit on 2 val clips")
+    assert [float(v) for v in lines["keep target"].split()] == [0.6, 0.4]
+    for key in ("kept at inference", "keep probability", "median |margin|"):
+        values = [float(v) for v in lines[key].split()]
+        assert len(values) == 2 and all(0.0 <= v for v in values), (key, values)
+    assert all(v <= 1.0 for v in map(float, lines["kept at inference"].split()))

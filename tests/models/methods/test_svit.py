@@ -9,7 +9,8 @@ from models import ModelError, StreamRunner, build_arch, build_method
 from models.ledger import Ledger
 from models.methods import MethodError
 from models.methods.svit import SViTState, attach_gates, default_keep_ratios, sparse_block
-from models.svit_training import GateTraining, distill_mode, measure_keep, train_gates
+from models.svit_training import GateTraining, distill_mode, keep_bits, measure_keep, noise_at, \
+    train_gates
 
 MODELS = {  # windowed + global blocks with relative position and window padding (10x10 grid,
     # windows of 4), a clip model, and a model with a class token
@@ -187,6 +188,31 @@ def test_detector_gates_distil_to_the_dense_model(frames):
     assert not torch.equal(gate_before, model.backbone.svit_gates.gates[0].fc1.weight)
 
 
+def test_detector_gates_train_on_the_detectors_own_loss(frames):
+    """With labels, a detector's gates train on its CenterNet loss: with every gate keeping
+    all tokens, the gated training forward gives exactly the loss `vidprune train` uses."""
+    from models.training import detection_loss
+
+    model = gated_model("vitdet")
+    x = inputs_for(model, frames)
+    boxes = [torch.tensor([[10.0, 20.0, 60.0, 90.0]]), torch.tensor([[5.0, 5.0, 40.0, 30.0],
+                                                                     [80.0, 70.0, 150.0, 120.0]])]
+    classes = [torch.tensor([0]), torch.tensor([1, 0])]
+    force(model, 30.0)  # every Gumbel draw keeps: the gated map is the dense one
+    with torch.no_grad():
+        expected = float(detection_loss(model, x, boxes, classes)["loss"])
+    history = train_gates(model, [(x, (boxes, classes))], GateTraining(steps=1))
+    assert history[0].task_loss == pytest.approx(expected, rel=1e-5)
+    assert history[0].keep == [1.0] * len(model.backbone.svit_gates.gates)
+    force(model, 0.0)  # undecided gates: the detection loss reaches them
+    model.backbone.svit_gates.zero_grad(set_to_none=True)
+    history = train_gates(model, [(x, (boxes, classes))], GateTraining(steps=1,
+                                                                       ratio_weight=0.0))
+    assert history[0].ratio_loss > 0 and history[0].task_loss > 0
+    grads = [g.fc1.weight.grad for g in model.backbone.svit_gates.gates]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_gates_ship_through_the_registry(frames, tmp_path, monkeypatch):
     import json
 
@@ -256,12 +282,62 @@ def test_logit_distillation_brings_the_training_keep_bits_to_their_targets(
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known gap (docs/RESULTS.md, SViT on the recognizer): the Gumbel keep bits meet their "
-    "targets in expectation while every token's keep probability settles near the target "
-    "itself, so keep-iff-the-keep-logit-wins keeps all tokens of a block whose target is "
-    "above 0.5 and none below; nothing in the paper's training makes the gates decisive"))
+    "known gap of the paper's recipe (settle=0; docs/RESULTS.md, SViT notes): the Gumbel "
+    "keep bits meet their targets in expectation while every token's keep probability "
+    "settles near the target itself, so keep-iff-the-keep-logit-wins keeps all tokens of a "
+    "block whose target is above 0.5 and none below. Settling the noise (settle > 0) ends "
+    "training on the inference decisions (test_settled_training_forward_decides_as_"
+    "inference_does) and brought the zoo models' val keep fractions to their targets, but "
+    "on this tiny model the settled gates decide by margins so small that held-out "
+    "fractions did not follow the training's reliably, so this test keeps the paper's "
+    "recipe"))
 def test_inference_keeps_as_many_tokens_as_training_did(distilled_recognizer):
     model, history, measured = distilled_recognizer
     late = [sum(r.keep[i] for r in history[-20:]) / 20 for i in range(len(measured.fraction))]
     assert all(abs(f - k) < 0.15 for f, k in zip(measured.fraction, late)), \
         (measured.fraction, late)
+
+
+def test_settling_fades_the_gumbel_noise_to_the_inference_decisions():
+    """``settle``: full Gumbel noise (the paper's keep bits, the same draws as
+    F.gumbel_softmax) until the last share of the steps, then linearly down to none at the
+    last step, where the keep bits are the inference rule's decisions."""
+    config = GateTraining(steps=10, settle=0.4)
+    assert [noise_at(s, config) for s in range(1, 11)] == pytest.approx(
+        [1.0] * 6 + [0.75, 0.5, 0.25, 0.0])
+    assert all(noise_at(s, GateTraining(steps=10)) == 1.0 for s in range(1, 11))
+    with pytest.raises(ValueError, match="settle"):
+        GateTraining(settle=1.5)
+    logp = torch.randn(3, 40, 2).log_softmax(dim=-1).requires_grad_()
+    weights = torch.arange(40.0)
+    torch.manual_seed(5)
+    paper = torch.nn.functional.gumbel_softmax(logp, tau=1.0, hard=True)[..., 0]
+    torch.manual_seed(5)
+    ours = keep_bits(logp, 1.0, 1.0)
+    assert torch.equal(paper, ours)
+    grads = [torch.autograd.grad((k * weights).sum(), logp)[0] for k in (paper, ours)]
+    assert torch.allclose(*grads, atol=1e-6)
+    settled = keep_bits(logp, 1.0, 0.0)
+    assert torch.equal(settled.detach(), (logp[..., 0] > logp[..., 1]).float())
+    assert 0 < settled.detach().mean() < 1  # a real mix of decisions
+    assert torch.autograd.grad(settled.sum(), logp)[0].abs().sum() > 0  # still trains
+
+
+@pytest.mark.parametrize("key", ["vitdet", "videomae", "vit"])
+def test_settled_training_forward_decides_as_inference_does(key, frames):
+    """Once the noise has faded (the end of ``settle``), the training forward (full map,
+    pruned tokens masked as keys) keeps exactly the tokens inference keeps (gathered kept
+    tokens, windowed attention, re-activation), block after block: what the keep-ratio loss
+    held to the targets in the last steps is what inference does."""
+    from models.svit_training import _embed, gated_forward_train
+
+    model = gated_model(key)
+    make_ragged(model)
+    x = inputs_for(model, frames)
+    with torch.no_grad():
+        _, keeps = gated_forward_train(model.backbone, _embed(model, x),
+                                       model.backbone.svit_gates, noise=0.0)
+        _, _, state = run(model, x, build_method("svit"))
+    trained = torch.stack([k.mean(dim=1) for k in keeps], dim=1)
+    assert 0 < float(trained.mean()) < 1
+    assert torch.allclose(trained, state.keep_fraction, atol=1e-6), (trained, state.keep_fraction)
