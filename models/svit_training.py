@@ -181,15 +181,11 @@ def _features(backbone: ViT, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
 def _detection_loss(model: nn.Module, tokens: torch.Tensor, emb: Embedded, labels) -> torch.Tensor:
     """The detector's own training loss (CenterNet, ``models.training``) on the gated map;
     ``labels`` = (boxes, classes): per image, (n, 4) x0 y0 x1 y1 in input pixels and (n,)."""
-    from .training import centernet_loss, centernet_targets
+    from .training import raw_from_tokens, raw_loss
 
     boxes, classes = labels
-    b, _, d = tokens.shape
-    fmap = _features(model.backbone, tokens, emb.prefix).transpose(1, 2).reshape(b, d, *emb.grid)
-    raw = model.head(model.neck(fmap))
-    t = centernet_targets(list(boxes), list(classes), model.head.num_classes,
-                          tuple(raw["heatmap"].shape[-2:]), model.head.stride)
-    return centernet_loss(raw, t)["loss"]
+    raw = raw_from_tokens(model, tokens[:, emb.prefix:], emb.grid)
+    return raw_loss(model, raw, list(boxes), list(classes))["loss"]
 
 
 def _classifies(model: nn.Module) -> bool:

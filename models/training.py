@@ -127,21 +127,33 @@ def centernet_loss(raw: dict[str, torch.Tensor], t: CenterNetTargets,
 def detector_raw(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The CenterNet head's raw maps for preprocessed images (B, 3, H, W): the same
     backbone, norm, neck and head path as ``ViTDetector.forward``, without decoding."""
-    if not isinstance(model.head, CenterNetHead):
-        raise TypeError("training supports the CenterNet head only")
     e = model.backbone.embed(images)
     tokens, _ = model.backbone.forward_blocks(e.tokens, e.grid)
+    return raw_from_tokens(model, tokens, e.grid)
+
+
+def raw_from_tokens(model: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]
+                    ) -> dict[str, torch.Tensor]:
+    """The CenterNet head's raw maps for final backbone tokens (B, N, D) on ``grid``: norm,
+    neck and head, as ``ViTDetector.forward_head``, without decoding."""
+    if not isinstance(model.head, CenterNetHead):
+        raise TypeError("training supports the CenterNet head only")
     b, _, d = tokens.shape
-    fmap = model.backbone.norm(tokens).transpose(1, 2).reshape(b, d, *e.grid)
+    fmap = model.backbone.norm(tokens).transpose(1, 2).reshape(b, d, *grid)
     return model.head(model.neck(fmap))
+
+
+def raw_loss(model: nn.Module, raw: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+             labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CenterNet loss of raw maps against boxes (input pixels) and class ids."""
+    grid = tuple(raw["heatmap"].shape[-2:])
+    t = centernet_targets(boxes, labels, model.head.num_classes, grid, model.head.stride)
+    return centernet_loss(raw, t)
 
 
 def detection_loss(model: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor],
                    labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    raw = detector_raw(model, images)
-    grid = tuple(raw["heatmap"].shape[-2:])
-    t = centernet_targets(boxes, labels, model.head.num_classes, grid, model.head.stride)
-    return centernet_loss(raw, t)
+    return raw_loss(model, detector_raw(model, images), boxes, labels)
 
 
 def recognition_loss(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor,
