@@ -234,12 +234,18 @@ def run(args: argparse.Namespace) -> int:
     notes = []
     frame_specs = [s for s in specs if s.name not in CLIP_METHODS] if specs else None
     clip_specs = [s for s in specs if s.name in CLIP_METHODS] if specs else None
-    if frame_specs is None or frame_specs:
-        rows += _bench_group(args, "frame", frame_specs, videos, device, dtype, notes,
-                             build_method, MethodError)
-    if clip_specs is None or clip_specs:
-        rows += _bench_group(args, "clip", clip_specs, videos, device, dtype, notes,
-                             build_method, MethodError)
+    # both groups are built, and the clip methods stepped over one clip, before anything is
+    # timed: a clip method refuses a clip length only when a clip completes, which would
+    # otherwise come after the minutes of the frame group's timing
+    groups = [_prepare_group(args, kind, kind_specs, videos, device, dtype, build_method,
+                             MethodError)
+              for kind, kind_specs in (("frame", frame_specs), ("clip", clip_specs))
+              if kind_specs is None or kind_specs]
+    for group in groups:
+        if group.kind == "clip":
+            _check_clip_methods(group, MethodError)
+    for group in groups:
+        rows += _measure_group(args, group, notes, MethodError)
     meta = {
         "command": command_line(args),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
@@ -259,13 +265,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_group(args, kind: str, specs, videos, device, dtype, notes, build_method,
-                 MethodError) -> list[dict]:
+@dataclass
+class _Group:
+    """One model's side of a bench run: its contenders and the frames of its streams."""
+    kind: str
+    name: str
+    resolution: int
+    weights: str
+    specs: list
+    contenders: list
+    streams: list
+
+
+def _prepare_group(args, kind: str, specs, videos, device, dtype, build_method,
+                   MethodError) -> _Group:
     import torch
 
     from models import ModelError, build_model, zoo_entries
-    from models.benchmark import Contender, measure_memory, run_side_by_side, summarise
-    from models.benchmark import timed_runner
+    from models.benchmark import Contender, timed_runner
 
     name = args.model if kind == "frame" else args.clip_model
     resolution = args.resolution if kind == "frame" else args.clip_resolution
@@ -307,25 +324,47 @@ def _bench_group(args, kind: str, specs, videos, device, dtype, notes, build_met
             raise UserError(f"--method {s.name}:{s.setting()}: {exc}") from None
     frames = args.frames if kind == "frame" else args.clips * args.clip_frames
     streams = read_streams(videos, args.streams, frames)
-    label = (f"{name} at {resolution}" + (f", {args.clip_frames}-frame clips" if kind == "clip"
-                                          else "") + f", weights {weights}")
+    return _Group(kind, name, resolution, weights, specs, contenders, streams)
+
+
+def _check_clip_methods(group: _Group, MethodError) -> None:
+    """Step every clip method over one clip of the first stream (untimed; its state is
+    dropped), so that a method that refuses this clip length says so now."""
+    frames = group.streams[0][:group.contenders[0].runner.clip_frames]
+    for c in group.contenders[1:]:
+        state = c.runner.new_state(1)
+        try:
+            for frame in frames:
+                c.runner.step([frame], state)
+        except MethodError as exc:
+            raise UserError(f"--method {c.method}:{c.setting}: {exc}") from None
+
+
+def _measure_group(args, group: _Group, notes, MethodError) -> list[dict]:
+    from models.benchmark import measure_memory, run_side_by_side, summarise
+
+    name, kind, specs = group.name, group.kind, group.specs
+    label = (f"{name} at {group.resolution}" + (f", {args.clip_frames}-frame clips"
+                                                 if kind == "clip" else "")
+             + f", weights {group.weights}")
     print(f"vidprune bench: {label}: dense + {len(specs)} method(s), {args.streams} stream(s) x "
-          f"{frames} frames x {args.repeats} repetitions", file=sys.stderr, flush=True)
+          f"{len(group.streams[0])} frames x {args.repeats} repetitions", file=sys.stderr,
+          flush=True)
     try:
         measurements = run_side_by_side(
-            contenders, streams, args.repeats, args.warmup,
+            group.contenders, group.streams, args.repeats, args.warmup,
             progress=lambda line: print(f"vidprune bench: {name}: {line}", file=sys.stderr,
                                         flush=True))
     except MethodError as exc:
         raise UserError(str(exc)) from None
     if args.memory_frames:
         for m in measurements:
-            measure_memory(m, streams, args.memory_frames)
+            measure_memory(m, group.streams, args.memory_frames)
     rows = summarise(measurements, measurements[0])
     for row in rows:
-        row.update({"model": name, "resolution": resolution, "weights": weights,
+        row.update({"model": name, "resolution": group.resolution, "weights": group.weights,
                     "dtype": args.dtype, "threads": args.threads})
-    if any(s.name == "svit" for s in specs) and weights.startswith("random"):
+    if any(s.name == "svit" for s in specs) and group.weights.startswith("random"):
         notes.append("svit runs random gate weights: its keep ratio is what they happen to "
                      "give (token_fraction), not a trained model's")
     return rows
