@@ -61,13 +61,11 @@ class Step:
 
 
 def run_backbone(model: torch.nn.Module, method: Method, streams: list[list[np.ndarray]],
-                 state=None, first_step: int = 0, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> tuple[list[Step], object]:
+                 state=None, first_step: int = 0) -> tuple[list[Step], object]:
     """Step ``method`` over streams side by side (frame t of every stream per step), the way
     the runner does, and keep the final backbone tokens and the ledger of every step.
-    ``state``/``first_step``: carry on with a state that already ran ``first_step`` frames.
-    ``device``/``dtype``: where and in which precision (the model is moved there in place)."""
-    runner = StreamRunner(model, method, device=device, dtype=dtype)
+    ``state``/``first_step``: carry on with a state that already ran ``first_step`` frames."""
+    runner = StreamRunner(model, method)
     if state is None:
         state = method.new_state(model.backbone, len(streams))
     steps = []
@@ -76,7 +74,6 @@ def run_backbone(model: torch.nn.Module, method: Method, streams: list[list[np.n
             images = torch.stack([runner.preprocess_detection(s[t])[0] for s in streams])
         else:
             images = torch.stack([runner.preprocess_recognition(s[t]) for s in streams])
-        images = images.to(dtype)
         ledger = Ledger(len(streams))
         with torch.inference_mode():
             emb = model.backbone.embed(images, ledger)
