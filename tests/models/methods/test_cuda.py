@@ -17,10 +17,9 @@ from models import StreamRunner, build_arch, build_method, build_model
 from models.ledger import Ledger
 from models.methods.svit import attach_gates
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from .test_rollout import N, clips  # noqa: F401  (fixture: 5 frames of 3 clips, 3 aspect ratios)
 
-VIDEOS = ("mma_test.mp4", "decord_flipping_a_pancake.mkv", "mma_test.avi")  # 3 aspect ratios
-N = 196  # tokens of the 14 x 14 grid at 224
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 #: (method, parameters) of the frame methods, pruned budgets and the ragged policies included
 FRAME_METHODS = [
@@ -44,17 +43,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture(scope="module")
-def clips(sample_videos):
-    import decord
-
-    out = []
-    for name in VIDEOS:
-        reader = decord.VideoReader(str(sample_videos / name))
-        out.append([reader[i].asnumpy() for i in range(0, 20, 4)])  # 5 frames, some motion
-    return out
 
 
 def detector():
