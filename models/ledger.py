@@ -1,6 +1,6 @@
 """The compute ledger: multiply-accumulates actually executed, per stream, per step.
 
-Convention (../shared/METHODS.md section 0, the papers' own): one multiply-accumulate (MAC)
+Convention (the papers' own, docs/ARCHITECTURE.md): one multiply-accumulate (MAC)
 counts as one operation and is called a "FLOP" in the papers' tables. Counted in the backbone
 figure: Linear layers (tokens x in x out, plus the bias additions), matrix products
 (out.numel() x K), einsums (relative position terms), additions of residuals and biases, and

@@ -1,4 +1,4 @@
-"""Eventful Transformers (Dutson, Li, Gupta, ICCV 2023; papers/002, ../shared/METHODS.md s.1).
+"""Eventful Transformers (Dutson, Li, Gupta, ICCV 2023; docs/ARCHITECTURE.md, Methods).
 
 Every block gets three gate/buffer pairs -- before the qkv projection, before the output
 projection and before the MLP, gates after the LayerNorms -- so the token-wise ops run only on
@@ -21,7 +21,7 @@ buffered qkv). ``av_half`` computes the attention-value products in half precisi
 CPU, float16 elsewhere), as the authors do in global blocks; the cached output stays in the
 model's precision.
 
-Counting (METHODS.md section 0): token-wise ops count their selected rows; the sparse
+Counting (docs/ARCHITECTURE.md, counting convention): token-wise ops count their selected rows; the sparse
 query-key update counts ``2 x heads x |S| x T x head_dim``, the attention-value correction
 ``2 x heads x T x |S| x head_dim``; the relative-position einsums run for every query (as in
 the dense model), their terms are added to the rows and columns S only; softmax runs densely

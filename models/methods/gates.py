@@ -1,4 +1,4 @@
-"""Token gates, token buffers and selection policies (Eventful Transformers, papers/002).
+"""Token gates, token buffers and selection policies (Eventful Transformers, ICCV 2023).
 
 A *gate* keeps a reference ``p`` of the tokens it last let through; each frame it measures
 the error ``e = c - p`` per token, asks its *policy* which tokens to update from ``||e||_2``,
@@ -17,7 +17,7 @@ row's result is never written back, so a stream's output does not depend on whic
 share its batch; the padding rows' work goes to the ledger's ``padding`` category, each
 stream's own rows to its own count.
 
-Counting (../shared/METHODS.md section 0): a gate's error costs ``T x W`` subtractions plus
+Counting (docs/ARCHITECTURE.md, counting convention): a gate's error costs ``T x W`` subtractions plus
 ``T x W`` multiply-accumulates for the squared norm, and every row written into a reference or
 a buffer on an incremental frame counts one op per element; both go to ``overhead``. State is
 filled on a stream's first frame from the dense outputs (copied, on the CPU at inference, into
@@ -302,7 +302,7 @@ class GateParams:
 
 @dataclass
 class Gate:
-    """A token gate (papers/002): the reference is updated only for the selected tokens.
+    """A token gate (Eventful Transformers): the reference is updated only for the selected tokens.
 
     ``always``: the first ``always`` tokens (prefix tokens) are selected on every frame.
     """

@@ -1,4 +1,4 @@
-"""Rollout-guided token pruning (papers/000 and 001; ../shared/METHODS.md section 2).
+"""Rollout-guided token pruning (ICIP 2025, supplementary; docs/ARCHITECTURE.md, Methods).
 
 Frame t runs only the K input tokens that mattered most to frame t-1's predictions:
 

@@ -106,8 +106,8 @@ def test_scratch_is_reused_at_inference_only():
 
 def reference_sparse_update(qk, a_old, out_old, q, k, v_old, v_new, index, scale, rel):
     # index: per stream, the positions updated
-    """METHODS.md section 1 on plain (b, h, T, T) tensors: rows and columns S of q k^T
-    recomputed, relative position added afterwards, dense softmax, and
+    """Eventful Transformers' sparse attention update on plain (b, h, T, T) tensors: rows and
+    columns S of q k^T recomputed, relative position added afterwards, dense softmax, and
     out += A_new[:, S] dv + (A_new[:, S] - A_ref[:, S]) v_ref[S]."""
     qk = qk.clone()
     for bi in range(q.shape[0]):
