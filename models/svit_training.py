@@ -1,4 +1,4 @@
-"""Training SViT gates by fine-tuning (SViT, WACV 2024; docs/ARCHITECTURE.md, Methods), pure PyTorch.
+"""Training SViT gates by fine-tuning (SViT, WACV 2024; docs/ARCHITECTURE.md), pure PyTorch.
 
 The training forward keeps the full token map: each gated block draws hard keep bits with the
 Gumbel-softmax (straight-through), runs on the whole map with the pruned tokens masked out as

@@ -17,8 +17,8 @@ row's result is never written back, so a stream's output does not depend on whic
 share its batch; the padding rows' work goes to the ledger's ``padding`` category, each
 stream's own rows to its own count.
 
-Counting (docs/ARCHITECTURE.md, counting convention): a gate's error costs ``T x W`` subtractions plus
-``T x W`` multiply-accumulates for the squared norm, and every row written into a reference or
+Counting (docs/ARCHITECTURE.md, counting convention): a gate's error costs ``T x W``
+subtractions plus ``T x W`` multiply-accumulates for the squared norm, and every row written into a reference or
 a buffer on an incremental frame counts one op per element; both go to ``overhead``. State is
 filled on a stream's first frame from the dense outputs (copied, on the CPU at inference, into
 memory that ended states gave back: see :func:`state_empty`; copies are not arithmetic).

@@ -1,4 +1,4 @@
-"""STA: semantic-aware temporal accumulation (Ding et al., ICCV 2023; docs/ARCHITECTURE.md, Methods).
+"""STA: semantic-aware temporal accumulation (Ding et al., ICCV 2023; docs/ARCHITECTURE.md).
 
 A training-free *clip* method for joint space-time ViTs (the VideoMAE layout: ``T`` slices of
 ``N`` tokens, no class token, mean pooling). Three pruning stages run at the end of blocks

@@ -1,4 +1,4 @@
-"""STGT baseline (Eventful Transformers, supplementary Table C): gates that compare each token with the previous frame.
+"""STGT baseline (Eventful Transformers' Table C): gates comparing tokens with the last frame.
 
 The Eventful Transformers paper compares against a simple form of Spatio-Temporal Gated
 Transformers: the same gate/buffer pairs on the token-wise ops, but a gate's reference becomes

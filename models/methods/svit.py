@@ -1,4 +1,4 @@
-"""SViT: learned per-token gates with re-activation (SViT, WACV 2024; docs/ARCHITECTURE.md, Methods).
+"""SViT: learned per-token gates with re-activation (SViT, WACV 2024; docs/ARCHITECTURE.md).
 
 Every block after the first few (``dense_blocks``; the authors keep 3 of 12 dense) has a gate,
 ``LayerNorm -> Linear(D, D/4) -> GELU -> Linear(D/4, 2) -> log-softmax``, that looks at the
