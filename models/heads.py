@@ -150,7 +150,10 @@ class CenterNetHead(nn.Module):
     @torch.no_grad()
     def decode(self, raw: dict[str, torch.Tensor], score_threshold: float = 0.05
                ) -> list[Detections]:
-        """Peaks of the class heatmaps (3x3 max-pool suppression) to boxes in input pixels."""
+        """Peaks of the class heatmaps (3x3 max-pool suppression) to boxes in input pixels.
+
+        A peak whose regressed width or height is not positive is not a box (it covers no
+        pixel and can match nothing) and is dropped, whatever its score."""
         heat = raw["heatmap"].float().sigmoid()
         b, c, h, w = heat.shape
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
@@ -163,12 +166,12 @@ class CenterNetHead(nn.Module):
         off = raw["offset"].float().reshape(b, 2, -1)
         out = []
         for i in range(b):
-            keep = scores[i] >= score_threshold
+            keep = (scores[i] >= score_threshold) & (size[i, :, pix[i]] > 0).all(0)
             p = pix[i][keep]
             cx = (xs[i][keep] + off[i, 0, p]) * self.stride
             cy = (ys[i][keep] + off[i, 1, p]) * self.stride
-            bw = size[i, 0, p].clamp(min=0) * self.stride
-            bh = size[i, 1, p].clamp(min=0) * self.stride
+            bw = size[i, 0, p] * self.stride
+            bh = size[i, 1, p] * self.stride
             boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
             out.append(Detections(boxes, scores[i][keep], labels[i][keep]))
         return out

@@ -252,14 +252,9 @@ class StreamRunner:
                                            image_sizes=[p[2] for p in prepped])
             if self.method.uses_predictions:
                 self.method.observe(state.method, dets, ctx)
-            for i, (d, (_img, scale, (nh, nw))) in enumerate(zip(dets, prepped)):
-                oh, ow = frames[i].shape[0], frames[i].shape[1]
-                keep = d.scores >= self.score_threshold
-                boxes = d.boxes[keep].float() / scale
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
-                outs[i].detections = Detections(boxes.cpu(), d.scores[keep].float().cpu(),
-                                                d.labels[keep].cpu())
+            for i, (d, (_img, scale, _size)) in enumerate(zip(dets, prepped)):
+                outs[i].detections = frame_detections(
+                    d, scale, (frames[i].shape[0], frames[i].shape[1]), self.score_threshold)
         elif self.task == "recognition":
             emb_cls = self.model.frame_embedding(tokens)
             ready = []
@@ -350,6 +345,21 @@ class StreamRunner:
             o.gmacs_dense += dense_run / 1e9
             o.tokens_run += float(ledger.tokens[i])
             o.tokens_dense += float(dense.tokens[0])
+
+
+def frame_detections(dets: Detections, scale: float, frame_size: tuple[int, int],
+                     score_threshold: float) -> Detections:
+    """Detections in input pixels to the frame's pixels, on the CPU: those scoring at least
+    ``score_threshold``, boxes divided by ``scale`` and clipped to the frame (height, width).
+    A box with no area left inside the frame is dropped: it covers no pixel of it."""
+    oh, ow = frame_size
+    keep = dets.scores >= score_threshold
+    boxes = dets.boxes[keep].float() / scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return Detections(boxes[inside].cpu(), dets.scores[keep][inside].float().cpu(),
+                      dets.labels[keep][inside].cpu())
 
 
 def _valid_tokens(grid, sizes, patch: int, device) -> torch.Tensor:

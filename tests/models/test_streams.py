@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models import StreamRunner, build_method, build_model
-from models.heads import CenterNetHead
+from models.heads import CenterNetHead, Detections
+from models.runner import frame_detections
 
 VITDET = dict(depth=2, dim=32, heads=2, input_size=96, window=4, global_blocks=(1,),
               pretrain_grid=(4, 4), neck_channels=16, num_classes=3)
@@ -100,6 +101,34 @@ def test_centernet_decodes_a_hand_made_heatmap():
     torch.testing.assert_close(dets.boxes, torch.tensor([[16.0, 10.0, 40.0, 26.0],
                                                          [4.0, 28.0, 12.0, 36.0]]))
     assert len(head.decode({"heatmap": heat, "size": size, "offset": offset}, 0.6)[0]) == 1
+
+
+def test_centernet_drops_peaks_whose_box_has_no_area():
+    """A size regressed to zero or below is no box: it used to come out as a zero-width box
+    that matched nothing, not even itself (dense agreement 99.92 % with itself)."""
+    head = CenterNetHead(4, num_classes=1, level="p3", max_detections=10)
+    heat = torch.full((1, 1, 8, 8), -10.0)
+    size = torch.ones(1, 2, 8, 8)
+    for col, (w, h) in enumerate([(2.0, 2.0), (0.0, 2.0), (-0.5, 1.0), (1.0, 0.0)]):
+        heat[0, 0, 1, 2 * col] = 1.0
+        size[0, :, 1, 2 * col] = torch.tensor([w, h])
+    dets = head.decode({"heatmap": heat, "size": size, "offset": torch.zeros(1, 2, 8, 8)},
+                       score_threshold=0.3)[0]
+    assert len(dets) == 1
+    torch.testing.assert_close(dets.boxes, torch.tensor([[-8.0, 0.0, 8.0, 16.0]]))
+
+
+def test_boxes_are_clipped_to_the_frame_and_dropped_when_nothing_is_left():
+    dets = Detections(torch.tensor([[10.0, 10.0, 30.0, 20.0],    # inside
+                                    [-10.0, 50.0, 20.0, 90.0],   # partly outside: clipped
+                                    [130.0, 10.0, 150.0, 30.0],  # right of the frame
+                                    [5.0, 5.0, 9.0, 9.0]]),      # inside, under threshold
+                      torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0, 1, 2, 0]))
+    got = frame_detections(dets, scale=2.0, frame_size=(40, 60), score_threshold=0.3)
+    torch.testing.assert_close(got.boxes, torch.tensor([[5.0, 5.0, 15.0, 10.0],
+                                                        [0.0, 25.0, 10.0, 40.0]]))
+    torch.testing.assert_close(got.scores, torch.tensor([0.9, 0.8]))
+    assert got.labels.tolist() == [0, 1]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
