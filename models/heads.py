@@ -150,7 +150,9 @@ class CenterNetHead(nn.Module):
     @torch.no_grad()
     def decode(self, raw: dict[str, torch.Tensor], score_threshold: float = 0.05
                ) -> list[Detections]:
-        """Peaks of the class heatmaps (3x3 max-pool suppression) to boxes in input pixels.
+        """Peaks of the class heatmaps (3x3 max-pool suppression) to boxes in input pixels, on
+        the CPU (the whole batch's top peaks leave the device in one transfer; splitting them
+        per image on the device would cost a synchronisation per image).
 
         A peak whose regressed width or height is not positive is not a box (it covers no
         pixel and can match nothing) and is dropped, whatever its score."""
@@ -159,21 +161,20 @@ class CenterNetHead(nn.Module):
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
         k = min(self.max_detections, c * h * w)
         scores, idx = peaks.reshape(b, -1).topk(k)
-        labels = idx // (h * w)
         pix = idx % (h * w)
-        ys, xs = (pix // w).float(), (pix % w).float()
-        size = raw["size"].float().reshape(b, 2, -1)
-        off = raw["offset"].float().reshape(b, 2, -1)
+        at = pix[:, None].expand(b, 2, k)
+        size = raw["size"].float().reshape(b, 2, -1).gather(2, at)    # (b, 2, k) w, h
+        off = raw["offset"].float().reshape(b, 2, -1).gather(2, at)   # (b, 2, k) x, y
+        centre = torch.stack([pix % w, pix // w], 1).float() + off
+        half = size * (self.stride / 2)
+        boxes = torch.cat([centre * self.stride - half, centre * self.stride + half], 1)
+        keep = (scores >= score_threshold) & (size > 0).all(1)
+        packed = torch.cat([boxes.transpose(1, 2), scores[..., None], (idx // (h * w))[..., None],
+                            keep[..., None]], 2).cpu()                # (b, k, 7)
         out = []
-        for i in range(b):
-            keep = (scores[i] >= score_threshold) & (size[i, :, pix[i]] > 0).all(0)
-            p = pix[i][keep]
-            cx = (xs[i][keep] + off[i, 0, p]) * self.stride
-            cy = (ys[i][keep] + off[i, 1, p]) * self.stride
-            bw = size[i, 0, p] * self.stride
-            bh = size[i, 1, p] * self.stride
-            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
-            out.append(Detections(boxes, scores[i][keep], labels[i][keep]))
+        for row in packed:
+            row = row[row[:, 6].bool()]
+            out.append(Detections(row[:, :4], row[:, 4], row[:, 5].long()))
         return out
 
 

@@ -124,41 +124,79 @@ class StreamRunner:
             pending=[p.index_select(0, index.to(p.device)) for p in state.pending])
 
     # -- preprocessing -----------------------------------------------------------------------
-    def _to_tensor(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(frame)
-        if t.ndim != 3 or t.shape[-1] != 3:
-            raise ValueError(f"expected an (H, W, 3) RGB frame, got shape {tuple(t.shape)}")
-        return t.to(self.device).permute(2, 0, 1).float()
+    # Frames of one size are preprocessed together: one host-to-device copy and one resize per
+    # size, not one per stream (on a GPU, per-stream work is launch overhead). Each image is
+    # computed exactly as it would be alone.
+    def _by_size(self, frames: Sequence[np.ndarray | torch.Tensor]
+                 ) -> list[tuple[list[int], torch.Tensor]]:
+        """Stream indices and their frames as one (n, 3, H, W) float tensor on the device,
+        per frame size (in order of first appearance)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, frame in enumerate(frames):
+            shape = tuple(frame.shape)
+            if len(shape) != 3 or shape[-1] != 3:
+                raise ValueError(f"expected an (H, W, 3) RGB frame, got shape {shape}")
+            groups.setdefault(shape, []).append(i)
+        out = []
+        for idx in groups.values():
+            host = torch.stack([torch.as_tensor(frames[i]) for i in idx])
+            out.append((idx, host.to(self.device).permute(0, 3, 1, 2).float()))
+        return out
+
+    def preprocess_detections(self, frames: Sequence[np.ndarray | torch.Tensor]
+                              ) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
+        """Resize each frame's longest side to the input size, normalise, pad bottom/right to
+        square. Returns the images (B, 3, S, S), the scale applied to each and its resized
+        (h, w)."""
+        r = self.input_size
+        images = torch.zeros(len(frames), 3, r, r, device=self.device)
+        scales: list[float] = [1.0] * len(frames)
+        sizes: list[tuple[int, int]] = [(r, r)] * len(frames)
+        for idx, img in self._by_size(frames):
+            h, w = img.shape[-2:]
+            scale = r / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            if (nh, nw) != (h, w):
+                img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False,
+                                    antialias=scale < 1)
+            img = (img - self._mean) / self._std
+            if len(idx) == len(frames):
+                images[:, :, :nh, :nw] = img
+            else:
+                images[torch.as_tensor(idx, device=self.device), :, :nh, :nw] = img
+            for i in idx:
+                scales[i], sizes[i] = scale, (nh, nw)
+        return images, scales, sizes
 
     def preprocess_detection(self, frame: np.ndarray | torch.Tensor
                              ) -> tuple[torch.Tensor, float, tuple[int, int]]:
-        """Resize the longest side to the input size, normalise, pad bottom/right to square.
-        Returns the image, the scale applied and the resized (h, w)."""
-        img = self._to_tensor(frame)
-        h, w = img.shape[-2:]
+        """One frame of :meth:`preprocess_detections`: the image (3, S, S), scale, (h, w)."""
+        images, scales, sizes = self.preprocess_detections([frame])
+        return images[0], scales[0], sizes[0]
+
+    def preprocess_recognitions(self, frames: Sequence[np.ndarray | torch.Tensor]
+                                ) -> torch.Tensor:
+        """Resize each frame's shorter side to the input size, centre crop, normalise:
+        (B, 3, S, S)."""
         r = self.input_size
-        scale = r / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        if (nh, nw) != (h, w):
-            img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                                antialias=scale < 1)[0]
-        img = (img - self._mean) / self._std
-        out = img.new_zeros(3, r, r)
-        out[:, :nh, :nw] = img
-        return out, scale, (nh, nw)
+        images = torch.empty(len(frames), 3, r, r, device=self.device)
+        for idx, img in self._by_size(frames):
+            h, w = img.shape[-2:]
+            scale = r / min(h, w)
+            nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
+            img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False,
+                                antialias=scale < 1)
+            top, left = (nh - r) // 2, (nw - r) // 2
+            img = (img[:, :, top:top + r, left:left + r] - self._mean) / self._std
+            if len(idx) == len(frames):
+                images.copy_(img)
+            else:
+                images[torch.as_tensor(idx, device=self.device)] = img
+        return images
 
     def preprocess_recognition(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Resize the shorter side to the input size, centre crop, normalise."""
-        img = self._to_tensor(frame)
-        h, w = img.shape[-2:]
-        r = self.input_size
-        scale = r / min(h, w)
-        nh, nw = max(r, round(h * scale)), max(r, round(w * scale))
-        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                            antialias=scale < 1)[0]
-        top, left = (nh - r) // 2, (nw - r) // 2
-        img = img[:, top:top + r, left:left + r]
-        return (img - self._mean) / self._std
+        """One frame of :meth:`preprocess_recognitions`: (3, S, S)."""
+        return self.preprocess_recognitions([frame])[0]
 
     # -- dense reference ---------------------------------------------------------------------
     def dense_ledger(self, what: str) -> Ledger:
@@ -227,11 +265,11 @@ class StreamRunner:
     def _step_frame_model(self, frames, state: RunnerState) -> list[StepOutput]:
         b = state.batch
         if self.task == "detection":
-            prepped = [self.preprocess_detection(f) for f in frames]
-            images = torch.stack([p[0] for p in prepped]).to(self.dtype)
+            images, scales, sizes = self.preprocess_detections(frames)
+            images = images.to(self.dtype)
         else:
-            prepped = None
-            images = torch.stack([self.preprocess_recognition(f) for f in frames]).to(self.dtype)
+            sizes = None
+            images = self.preprocess_recognitions(frames).to(self.dtype)
             if self.tubelet > 1:  # a step of the model is a tubelet of frames: wait for them
                 state.pending.append(images)
                 if len(state.pending) < self.tubelet:
@@ -240,8 +278,8 @@ class StreamRunner:
                 state.pending = []
         ledger = Ledger(b)
         emb = self.model.backbone.embed(images, ledger)
-        valid = _valid_tokens(emb.grid, [p[2] for p in prepped], self.model.backbone.patch,
-                              self.device) if prepped else None
+        valid = _valid_tokens(emb.grid, sizes, self.model.backbone.patch,
+                              self.device) if sizes else None
         ctx = StepContext(valid=valid, first=state.steps < self.tubelet,
                           input_size=tuple(images.shape[-2:]))
         tokens = self.method.forward(self.model.backbone, emb, state.method, ledger, ctx)
@@ -249,10 +287,10 @@ class StreamRunner:
         if self.task == "detection":
             dets = self.model.forward_head(tokens[:, emb.prefix:], emb.grid, ledger, images,
                                            score_threshold=min(self.score_threshold, 0.05),
-                                           image_sizes=[p[2] for p in prepped])
+                                           image_sizes=sizes)
             if self.method.uses_predictions:
                 self.method.observe(state.method, dets, ctx)
-            for i, (d, (_img, scale, _size)) in enumerate(zip(dets, prepped)):
+            for i, (d, scale) in enumerate(zip(dets, scales)):
                 outs[i].detections = frame_detections(
                     d, scale, (frames[i].shape[0], frames[i].shape[1]), self.score_threshold)
         elif self.task == "recognition":
@@ -301,10 +339,11 @@ class StreamRunner:
         b = state.batch
         outs = [StepOutput() for _ in range(b)]
         ready = []
+        images = self.preprocess_recognitions(frames).to(self.dtype)
         for i in range(b):
             if not state.clip_frames[i]:
                 state.clip_start[i] = state.steps
-            state.clip_frames[i].append(self.preprocess_recognition(frames[i]).to(self.dtype))
+            state.clip_frames[i].append(images[i])
             if len(state.clip_frames[i]) == self.clip_frames:
                 ready.append(i)
         if ready:
@@ -365,12 +404,11 @@ def frame_detections(dets: Detections, scale: float, frame_size: tuple[int, int]
 def _valid_tokens(grid, sizes, patch: int, device) -> torch.Tensor:
     """(B, N) True where a token covers resized image pixels rather than square padding."""
     h, w = grid
-    rows = torch.arange(h, device=device)[:, None]
-    cols = torch.arange(w, device=device)[None, :]
-    out = []
-    for nh, nw in sizes:
-        out.append(((rows < math.ceil(nh / patch)) & (cols < math.ceil(nw / patch))).flatten())
-    return torch.stack(out)
+    rows = torch.arange(h)[None, :, None]
+    cols = torch.arange(w)[None, None, :]
+    extent = torch.tensor([[math.ceil(nh / patch), math.ceil(nw / patch)] for nh, nw in sizes])
+    valid = (rows < extent[:, 0, None, None]) & (cols < extent[:, 1, None, None])
+    return valid.flatten(1).to(device)
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

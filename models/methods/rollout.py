@@ -201,11 +201,13 @@ def top_k(score: torch.Tensor, valid: torch.Tensor | None, k: int, background: i
 def paint_anchors(detections: Sequence[Detections], grid: Grid, input_size: tuple[int, int],
                   threshold: float, valid: torch.Tensor | None) -> torch.Tensor:
     """(B, N) bool: tokens whose patch overlaps a box scoring above ``threshold`` (boxes in
-    input pixels); a stream with no such box gets every real-pixel token."""
+    input pixels); a stream with no such box gets every real-pixel token. The boxes are
+    painted where they are (the CPU, for a CenterNet head) and the result moved to ``valid``'s
+    device once."""
     h, w = grid
     ph, pw = input_size[0] / h, input_size[1] / w
-    out = []
-    for i, det in enumerate(detections):
+    painted = []
+    for det in detections:
         device = det.boxes.device
         boxes = det.boxes[det.scores > threshold].float()
         x0 = torch.floor(boxes[:, 0] / pw).clamp(0, w - 1)
@@ -216,12 +218,14 @@ def paint_anchors(detections: Sequence[Detections], grid: Grid, input_size: tupl
         cols = torch.arange(w, device=device)
         in_y = (rows >= y0[:, None]) & (rows < y1[:, None])
         in_x = (cols >= x0[:, None]) & (cols < x1[:, None])
-        mask = (in_y[:, :, None] & in_x[:, None, :]).any(0).flatten()
-        real = torch.ones(h * w, dtype=torch.bool, device=device) if valid is None \
-            else valid[i].to(device)
-        mask = mask & real
-        out.append(torch.where(mask.any(), mask, real))
-    return torch.stack(out)
+        painted.append((in_y[:, :, None] & in_x[:, None, :]).any(0).flatten())
+    mask = torch.stack(painted)
+    if valid is None:
+        real = torch.ones_like(mask)
+    else:
+        real = valid.to(torch.bool)
+        mask = mask.to(real.device) & real
+    return torch.where(mask.any(1, keepdim=True), mask, real)
 
 
 # --- the method -------------------------------------------------------------------------------

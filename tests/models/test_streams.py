@@ -9,7 +9,7 @@ import torch
 
 from models import StreamRunner, build_method, build_model
 from models.heads import CenterNetHead, Detections
-from models.runner import frame_detections
+from models.runner import IMAGENET_MEAN, IMAGENET_STD, frame_detections
 
 VITDET = dict(depth=2, dim=32, heads=2, input_size=96, window=4, global_blocks=(1,),
               pretrain_grid=(4, 4), neck_channels=16, num_classes=3)
@@ -63,6 +63,37 @@ def test_runner_batch_equals_each_stream_alone(vitdet):
             assert got.gmacs_run == pytest.approx(alone.gmacs_run)
             assert got.gmacs_head == pytest.approx(alone.gmacs_head)
             assert got.gmacs_run == pytest.approx(got.gmacs_dense)  # dense method
+
+
+def test_frames_of_several_sizes_are_preprocessed_as_each_alone(vitdet):
+    """Frames are resized per size group in one go; each image must come out as it does
+    alone, and alone as the definition says (longest side to the input size, normalised,
+    zero padding at the bottom and right; shorter side resized and centre-cropped)."""
+    runner = StreamRunner(vitdet, build_method("none"))
+    frames = frames_of(7, [(60, 80), (96, 96), (60, 80), (120, 40)])
+    images, scales, sizes = runner.preprocess_detections(frames)
+    assert sizes == [(72, 96), (96, 96), (72, 96), (96, 32)]
+    assert scales == [96 / 80, 1.0, 96 / 80, 96 / 120]
+    for i, frame in enumerate(frames):
+        alone, scale, size = runner.preprocess_detection(frame)
+        assert (scale, size) == (scales[i], sizes[i])
+        torch.testing.assert_close(images[i], alone, rtol=0, atol=0)
+    img = torch.as_tensor(frames[3]).permute(2, 0, 1).float()[None]
+    img = torch.nn.functional.interpolate(img, size=(96, 32), mode="bilinear",
+                                          align_corners=False, antialias=True)[0]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(images[3, :, :, :32], (img - mean) / std)
+    assert not images[3, :, :, 32:].any()
+
+    rec = runner.preprocess_recognitions(frames)
+    assert rec.shape == (4, 3, 96, 96)
+    for i, frame in enumerate(frames):
+        torch.testing.assert_close(rec[i], runner.preprocess_recognition(frame), rtol=0, atol=0)
+    img = torch.as_tensor(frames[0]).permute(2, 0, 1).float()[None]
+    img = torch.nn.functional.interpolate(img, size=(96, 128), mode="bilinear",
+                                          align_corners=False, antialias=False)[0]
+    torch.testing.assert_close(rec[0], (img[:, :, 16:112] - mean) / std)
 
 
 def test_clip_model_batch_equals_each_stream_alone():
