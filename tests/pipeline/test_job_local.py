@@ -73,6 +73,11 @@ def test_demo_on_the_sample_clips(ray_session, tiny_detector, tmp_path, capsys):
             expected = [i for i in expected if i < 28]
         assert got == expected, uri
     assert len(frames) == 10
+    # Boxes lie in their frame and cover some of it (an untrained model regresses many sizes
+    # to zero or below, and boxes beyond the border: none of those is written).
+    boxes = ann.to_pandas().merge(videos.to_pandas()[["uri", "width", "height"]], on="uri")
+    assert ((boxes.x0 >= 0) & (boxes.x0 < boxes.x1) & (boxes.x1 <= boxes.width)).all()
+    assert ((boxes.y0 >= 0) & (boxes.y0 < boxes.y1) & (boxes.y1 <= boxes.height)).all()
 
     manifest = read(out / "manifest" / "manifest.parquet")
     assert manifest.schema == MANIFEST and manifest.num_rows == 10
