@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU figures of docs/BENCHMARKS.md in one run: the CUDA tests, vidprune
 # bench of the ViTDet-B layout at 672 (32 streams), 1024 (8 streams) and 672 with 1 and 64
-# streams, all in float16, and profiles of dense, eventful and rollout's steady frames.
+# streams, all in float16, profiles of dense, eventful and rollout's steady frames, and the
+# relative-position attention kernels (scripts/attention_kernels.py).
 #
 #   scripts/cuda_bench.sh OUTDIR        (from the repository root, on a machine with CUDA)
 #
 # Each step has its own time limit and a failed step does not stop the next; OUTDIR gets
-# cuda-tests.log, <run>.md / <run>.parquet per bench run and profile-*.txt.
+# cuda-tests.log, <run>.md / <run>.parquet per bench run, profile-*.txt and attention-kernels.txt.
 set -u
 out=${1:?usage: scripts/cuda_bench.sh OUTDIR}
 mkdir -p "$out"
@@ -45,3 +46,8 @@ for m in none eventful:r=220 rollout:k=384; do
         >"$out/profile-${m%%:*}.txt" 2>&1
     grep "wall per frame" "$out/profile-${m%%:*}.txt"
 done
+
+echo "== attention kernels"
+timeout 120 $py scripts/attention_kernels.py --device cuda --dtype float16 --batch 32 --grid 42 \
+    --rows 384 >"$out/attention-kernels.txt" 2>&1
+cat "$out/attention-kernels.txt"
