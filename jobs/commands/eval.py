@@ -35,7 +35,7 @@ DEFAULT_GRIDS: dict[str, list[dict[str, Any]]] = {
     "eventful": [{"r": r} for r in (32, 64, 96)],
     "stgt": [{"r": r} for r in (32, 64, 96)],
     "rollout": [{"k": k} for k in (48, 64, 96)],
-    "sta": [{"r": r} for r in (6, 12, 18)],
+    "sta": [{"r": r} for r in (6, 12, 18, 24)],
     "svit": [{}],
 }
 #: The score a dense detection needs to count as a reference object for ``agreement``.
