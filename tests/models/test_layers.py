@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import Attention, get_rel_pos, rel_pos_terms
+from models.layers import (Attention, _FusedRelPosSoftmax, add_rel_pos_, get_rel_pos,
+                           rel_pos_softmax_, rel_pos_terms, softmax_)
 from models.vit import ViT
 
 torch.manual_seed(0)
@@ -66,6 +67,23 @@ def test_fused_and_explicit_paths_agree(case):
     assert fused.probs is None and explicit.probs is not None
     torch.testing.assert_close(fused.out, explicit.out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(explicit.probs.sum(-1), torch.ones(explicit.probs.shape[:-1]))
+
+
+@pytest.mark.parametrize("shape, k_grid", [((2, 3, 7, 4, 5), (4, 5)), ((6, 2, 9, 3, 3), (3, 3))])
+def test_the_fused_kernels_source_computes_the_in_place_path(shape, k_grid):
+    """What ``torch.compile`` turns into one kernel on a GPU (rel_pos_softmax_) is the same
+    function as the in-place additions and softmax the CPU runs."""
+    *lead, nq, kh, kw = shape
+    logits = torch.randn(*lead, nq, kh * kw, dtype=torch.float64)
+    rel_h = torch.randn(*lead, nq, kh, dtype=torch.float64)
+    rel_w = torch.randn(*lead, nq, kw, dtype=torch.float64)
+    want = softmax_(add_rel_pos_(logits.clone(), rel_h, rel_w, k_grid))
+    got = _FusedRelPosSoftmax._softmax(logits.clone(), rel_h, rel_w, *k_grid)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():  # on the CPU the in-place path itself
+        mine = logits.clone()
+        assert rel_pos_softmax_(mine, rel_h, rel_w, k_grid) is mine
+    torch.testing.assert_close(mine, want, rtol=0, atol=0)
 
 
 def test_global_relative_position_matches_the_plain_formula():

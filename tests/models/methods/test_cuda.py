@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pandas as pd
 import pytest
 import torch
 from torch.testing import assert_close
 
-from models import StreamRunner, build_arch, build_method, build_model
+from models import StreamRunner, build_arch, build_method, build_model, layers
+from models.layers import add_rel_pos_, rel_pos_softmax_, softmax_
 from models.ledger import Ledger
 from models.methods.svit import attach_gates
 
@@ -127,6 +129,46 @@ def test_cuda_half_precision_stays_near_fp32(name, options, dtype, clips):
         for r_step, h_step in zip(ref_outs, outs):
             for r, h in zip(r_step, h_step):
                 assert h.gmacs_run == pytest.approx(r.gmacs_run, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 4, 50, 14, 14), (2, 3, 196, 14, 14), (5, 2, 7, 6, 9)],
+                         ids=["global-rows", "windowed", "odd"])
+def test_cuda_fused_rel_pos_softmax_matches_the_in_place_path(shape, dtype):
+    """rel_pos_softmax_ compiles one kernel on a GPU: the in-place path's numbers, to rounding
+    (fp32: the same additions; fp16: the kernel adds in fp32), for shapes of every kind."""
+    *lead, nq, kh, kw = shape
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(*lead, nq, kh * kw, generator=g).cuda().to(dtype)
+    rel_h = torch.randn(*lead, nq, kh, generator=g).cuda().to(dtype)
+    rel_w = torch.randn(*lead, nq, kw, generator=g).cuda().to(dtype)
+    with torch.inference_mode():
+        want = softmax_(add_rel_pos_(logits.clone(), rel_h, rel_w, (kh, kw))).float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback would warn: the kernel must compile
+            got = rel_pos_softmax_(logits.clone(), rel_h, rel_w, (kh, kw))
+    assert layers._fused.usable and got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_cuda_fused_softmax_falls_back_once_when_it_cannot_compile(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C compiler for Triton\nmore detail")
+
+    monkeypatch.setattr(layers, "_fused", broken)
+    monkeypatch.setattr(broken, "usable", True, raising=False)
+    logits = torch.randn(2, 3, 5, 12, device="cuda")
+    rel_h, rel_w = torch.randn(2, 3, 5, 3, device="cuda"), torch.randn(2, 3, 5, 4, device="cuda")
+    want = softmax_(add_rel_pos_(logits.clone(), rel_h, rel_w, (3, 4)))
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="no C compiler for Triton"):
+            got = rel_pos_softmax_(logits.clone(), rel_h, rel_w, (3, 4))
+        assert not broken.usable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: no second warning
+            rel_pos_softmax_(logits.clone(), rel_h, rel_w, (3, 4))
+    assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
