@@ -133,7 +133,8 @@ def test_segments_resume_overwrite_and_error_modes(ray_session, tiny_detector, v
     assert sorted(set(long["frame_index"])) == list(range(95))
     assert long.groupby("frame_index")["segment_id"].nunique().max() == 1
     assert long["segment_id"].nunique() == 6
-    assert (long.groupby("frame_index").size() == long.groupby("frame_index").size().iloc[0]).all()
+    # and once within it (how many boxes a frame has varies: boxes without area are dropped)
+    assert not long.duplicated(["frame_index", "label_id", "x0", "y0", "x1", "y1"]).any()
     rows = {name(v["uri"]): v for v in read(out / "videos" / "videos.parquet").to_pylist()}
     assert rows["long.mp4"]["segments"] == 6 and rows["long.mp4"]["frames_decoded"] == 95
     assert rows["long.mp4"]["status"] == "ok" and rows["short.mp4"]["frames_decoded"] == 7
