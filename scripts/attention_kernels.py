@@ -7,8 +7,9 @@ terms, one per key row and one per key column):
 - ``probs eager``: what the pruning methods run when they need the probabilities (rollout, the
   recognizer's rollout, eventful's rows): the product into a logits tensor, both terms added
   in place (``models.layers.add_rel_pos_``), softmax in place (``softmax_``);
-- ``probs fused``: the same numbers with the additions and the softmax fused by
-  ``torch.compile`` into one pass over the logits;
+- ``probs fused``: ``models.layers.rel_pos_softmax_``, what rollout now runs: on a GPU the
+  additions and the softmax as one kernel compiled for the shape (on the CPU it is the eager
+  path above);
 - ``dense bias``: what the dense model runs: the terms summed into a (B, h, Nq, Nk) bias for
   PyTorch's fused attention (``scaled_dot_product_attention``), and the attention output;
 - ``dense no bias``: the terms folded into the product instead (the queries get ``rel_h`` and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.layers import add_rel_pos_, softmax_  # noqa: E402
+from models.layers import add_rel_pos_, rel_pos_softmax_, softmax_  # noqa: E402
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
@@ -75,7 +76,7 @@ def pad_channels(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
 
 
 def compare(name: str, b: int, heads: int, nq: int, grid: int, c: int, device: torch.device,
-            dtype: torch.dtype, repeats: int, fused_softmax: Callable) -> None:
+            dtype: torch.dtype, repeats: int) -> None:
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -95,7 +96,7 @@ def compare(name: str, b: int, heads: int, nq: int, grid: int, c: int, device: t
 
     def probs_fused() -> torch.Tensor:
         torch.matmul(q * scale, k.transpose(-2, -1), out=logits)
-        return fused_softmax(logits, rel_h, rel_w)
+        return rel_pos_softmax_(logits, rel_h, rel_w, (kh, kw))
 
     def dense_bias() -> torch.Tensor:
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).view(b, heads, nq, nk)
@@ -138,20 +139,14 @@ def main() -> int:
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
-    def fused(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-        kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-        view = logits.view(*logits.shape[:-1], kh, kw)
-        return (view + rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).softmax(-1)
-
-    fused_softmax = torch.compile(fused, dynamic=False)
     windows = args.batch * math.ceil(args.grid / args.window) ** 2
     with torch.inference_mode():
         compare("global, pruned rows", args.batch, args.heads, args.rows, args.grid,
-                args.channels, device, dtype, args.repeats, fused_softmax)
+                args.channels, device, dtype, args.repeats)
         compare("global, every row", args.batch, args.heads, args.grid ** 2, args.grid,
-                args.channels, device, dtype, args.repeats, fused_softmax)
+                args.channels, device, dtype, args.repeats)
         compare("windowed", windows, args.heads, args.window ** 2, args.window,
-                args.channels, device, dtype, args.repeats, fused_softmax)
+                args.channels, device, dtype, args.repeats)
     return 0
 
 
