@@ -21,13 +21,13 @@ buffered qkv). ``av_half`` computes the attention-value products in half precisi
 CPU, float16 elsewhere), as the authors do in global blocks; the cached output stays in the
 model's precision.
 
-Counting (docs/ARCHITECTURE.md, counting convention): token-wise ops count their selected
-rows; the sparse query-key update counts ``2 x heads x |S| x T x head_dim``, the attention-value correction
-``2 x heads x T x |S| x head_dim``; the relative-position einsums run for every query (as in
-the dense model), their terms are added to the rows and columns S only; softmax runs densely
-(not counted, as in the dense model). Overhead: gate errors and norms, the subtractions and additions of the
-attention-value correction, and every element written into a reference, buffer or attention
-cache on incremental frames.
+Counting (docs/ARCHITECTURE.md, counting convention): token-wise ops count their selected rows;
+the sparse query-key update counts ``2 x heads x |S| x T x head_dim``, the attention-value
+correction ``2 x heads x T x |S| x head_dim``; the relative-position einsums run for every
+query (as in the dense model), their terms are added to the rows and columns S only; softmax
+runs densely (not counted, as in the dense model). Overhead: gate errors and norms, the
+subtractions and additions of the attention-value correction, and every element written into a
+reference, buffer or attention cache on incremental frames.
 """
 
 from __future__ import annotations

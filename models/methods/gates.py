@@ -18,10 +18,11 @@ share its batch; the padding rows' work goes to the ledger's ``padding`` categor
 stream's own rows to its own count.
 
 Counting (docs/ARCHITECTURE.md, counting convention): a gate's error costs ``T x W``
-subtractions plus ``T x W`` multiply-accumulates for the squared norm, and every row written into a reference or
-a buffer on an incremental frame counts one op per element; both go to ``overhead``. State is
-filled on a stream's first frame from the dense outputs (copied, on the CPU at inference, into
-memory that ended states gave back: see :func:`state_empty`; copies are not arithmetic).
+subtractions plus ``T x W`` multiply-accumulates for the squared norm, and every row written
+into a reference or a buffer on an incremental frame counts one op per element; both go to
+``overhead``. State is filled on a stream's first frame from the dense outputs (copied, on the
+CPU at inference, into memory that ended states gave back: see :func:`state_empty`; copies are
+not arithmetic).
 """
 
 from __future__ import annotations
