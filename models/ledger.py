@@ -17,8 +17,6 @@ appear only when fewer MACs ran.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 #: Categories that make up a method's executed backbone figure ("gmacs_run").
@@ -26,7 +24,6 @@ BACKBONE_CATEGORIES = ("backbone", "overhead")
 CATEGORIES = ("backbone", "overhead", "patch_embed", "head", "padding")
 
 
-@dataclass
 class Ledger:
     """MACs and processed tokens of one step of ``batch`` streams, kept per stream.
 
@@ -36,24 +33,55 @@ class Ledger:
     are batched together (executed, so reported, but not attributed to any stream's method).
     ``tokens``: per stream, the number of tokens that went through each block's MLP, summed
     over blocks (a dense model processes ``depth x N``).
+
+    A frame makes a few hundred counting calls, most of them one number for every stream.
+    Those are summed as Python floats and folded into the per-stream tensors when ``macs`` or
+    ``tokens`` is read: two tensor operations per call were a fifth of a dense step's
+    operator calls (host time that a GPU waits on). The sums are the same: every count is a
+    whole number far below 2**53, so float64 adds them exactly in any order.
     """
 
-    batch: int
-    macs: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: torch.Tensor | None = None
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self._macs = {name: _zeros(batch) for name in CATEGORIES}
+        self._tokens = _zeros(batch)
+        self._uniform = dict.fromkeys(CATEGORIES, 0.0)  # per stream, not yet in ``_macs``
+        self._uniform_tokens = 0.0
 
-    def __post_init__(self) -> None:
-        for name in CATEGORIES:
-            self.macs.setdefault(name, _zeros(self.batch))
-        if self.tokens is None:
-            self.tokens = _zeros(self.batch)
+    def __repr__(self) -> str:
+        return f"Ledger(batch={self.batch}, run={self.run_macs().tolist()})"
+
+    @property
+    def macs(self) -> dict[str, torch.Tensor]:
+        """Category -> (batch,) float64 MACs per stream (the tensors themselves: callers may
+        add into them in place)."""
+        for name, value in self._uniform.items():
+            if value:
+                self._macs[name] += value
+                self._uniform[name] = 0.0
+        return self._macs
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(batch,) float64: tokens through each block's MLP, per stream, summed over blocks."""
+        if self._uniform_tokens:
+            self._tokens += self._uniform_tokens
+            self._uniform_tokens = 0.0
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: torch.Tensor) -> None:  # ``ledger.tokens += ...`` reads, then sets
+        self._tokens, self._uniform_tokens = value, 0.0
 
     # -- recording ---------------------------------------------------------------------------
     def add(self, macs: int | float | torch.Tensor, category: str = "backbone") -> None:
         """Record ``macs`` per stream (a number applies to every stream of the batch)."""
-        if category not in self.macs:
+        if category not in self._uniform:
             raise KeyError(f"unknown ledger category {category!r}; expected one of {CATEGORIES}")
-        self.macs[category] += _per_stream(macs, self.batch)
+        if isinstance(macs, torch.Tensor):
+            self._macs[category] += _per_stream(macs, self.batch)
+        else:
+            self._uniform[category] += float(macs)
 
     def linear(self, layer: torch.nn.Linear, tokens: int | torch.Tensor,
                category: str = "backbone") -> None:
@@ -74,7 +102,10 @@ class Ledger:
 
     def processed(self, tokens: int | torch.Tensor) -> None:
         """Tokens that went through one block's MLP (the token-count figure)."""
-        self.tokens += _per_stream(tokens, self.batch)
+        if isinstance(tokens, torch.Tensor):
+            self._tokens += _per_stream(tokens, self.batch)
+        else:
+            self._uniform_tokens += float(tokens)
 
     # -- reading -----------------------------------------------------------------------------
     def run_macs(self) -> torch.Tensor:
@@ -86,8 +117,8 @@ class Ledger:
         index = torch.as_tensor(index, dtype=torch.long)
         out = Ledger(len(index))
         for k, v in self.macs.items():
-            out.macs[k] = v[index].clone()
-        out.tokens = self.tokens[index].clone()
+            out._macs[k] = v[index].clone()
+        out._tokens = self.tokens[index].clone()
         return out
 
     def merge_into(self, other: "Ledger", index: torch.Tensor | list[int]) -> None:
@@ -103,15 +134,13 @@ def _zeros(batch: int) -> torch.Tensor:
     return torch.zeros(batch, dtype=torch.float64, device="cpu")
 
 
-def _per_stream(value: int | float | torch.Tensor, batch: int) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().to("cpu", torch.float64)
-        if value.ndim == 0:
-            return value.expand(batch)
-        if value.shape != (batch,):
-            raise ValueError(f"per-stream count has shape {tuple(value.shape)}, expected ({batch},)")
-        return value
-    return torch.full((batch,), float(value), dtype=torch.float64, device="cpu")
+def _per_stream(value: torch.Tensor, batch: int) -> torch.Tensor:
+    value = value.detach().to("cpu", torch.float64)
+    if value.ndim == 0:
+        return value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"per-stream count has shape {tuple(value.shape)}, expected ({batch},)")
+    return value
 
 
 def _scale(count: int | torch.Tensor, factor: int) -> int | torch.Tensor:

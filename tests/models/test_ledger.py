@@ -48,3 +48,56 @@ def test_per_stream_counts_and_ragged_tokens():
     assert led.run_macs().tolist() == [275.0, 300.0, 250.0]
     with pytest.raises(ValueError):
         led.add(torch.ones(2))
+
+
+def test_uniform_and_per_stream_counts_add_up_in_any_order():
+    led = Ledger(2)
+    led.add(7)
+    assert led.macs["backbone"].tolist() == [7.0, 7.0]
+    led.add(torch.tensor([1.0, 2.0]))
+    led.adds(3)
+    led.matmul(2, 5, "overhead")
+    led.processed(4)
+    led.processed(torch.tensor([1, 0]))
+    # callers may add into the per-stream tensors in place (recognizers fold clip steps so)
+    led.macs["head"] += torch.tensor([10.0, 20.0])
+    led.add(1, "head")
+    led.tokens += torch.tensor([0.0, 1.0])
+    led.processed(-1)
+    assert led.macs["backbone"].tolist() == [11.0, 12.0]
+    assert led.macs["overhead"].tolist() == [10.0, 10.0]
+    assert led.macs["head"].tolist() == [11.0, 21.0]
+    assert led.tokens.tolist() == [4.0, 4.0]
+    assert led.run_macs().tolist() == [21.0, 22.0]
+    led.add(2)  # counted after a read: still counted
+    sub = led.select([1])
+    assert sub.macs["backbone"].tolist() == [14.0] and sub.tokens.tolist() == [4.0]
+    sub.add(1)
+    sub.merge_into(led, [1])
+    assert led.macs["backbone"].tolist() == [13.0, 29.0]
+    with pytest.raises(KeyError):
+        led.add(1, "nonsense")
+
+
+def test_counting_a_number_runs_no_tensor_operations():
+    # a frame makes hundreds of counting calls; on a GPU every operator call is host time
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    led = Ledger(8)
+    layer = torch.nn.Linear(4, 5)
+    with Count():
+        for _ in range(100):
+            led.linear(layer, 10)
+            led.matmul(10, 4)
+            led.adds(10, "overhead")
+            led.processed(10)
+    assert Count.calls == 0
+    assert led.run_macs().tolist() == [100 * (250 + 40 + 10)] * 8
+    assert led.tokens.tolist() == [1000.0] * 8
