@@ -9,6 +9,7 @@ buffers qkv can pad the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -101,10 +102,21 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
         table = table.squeeze(0).t().to(rel_pos.dtype)
     else:
         table = rel_pos
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
-    rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return table[rel.long()]  # q_size, k_size, C
+    return table[_rel_pos_index(q_size, k_size, rel_pos.device)]  # q_size, k_size, C
+
+
+@functools.lru_cache(maxsize=64)
+def _rel_pos_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """(q_size, k_size) long: the row of the (interpolated) table for each query-key pair.
+
+    Depends on the sizes only, so it is built once per device instead of in seven small
+    operations per axis, block and frame. Built outside inference mode, so that training may
+    index with it too."""
+    with torch.inference_mode(False):
+        q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+        k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+        rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+        return rel.long()
 
 
 def rel_pos_terms(q: torch.Tensor, q_grid: Grid, k_grid: Grid, rel_pos_h: torch.Tensor,

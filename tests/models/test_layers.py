@@ -138,6 +138,26 @@ def test_get_rel_pos_scales_and_interpolates_like_detectron2():
     torch.testing.assert_close(got[5, 0], resized[5 + 5])
 
 
+def test_rel_pos_lookup_is_built_once_and_serves_inference_and_training():
+    # the (q, k) lookup depends on the sizes only: built on first use, then reused
+    get_rel_pos.__globals__["_rel_pos_index"].cache_clear()
+    table = torch.randn(7, 3, requires_grad=True)
+    with torch.inference_mode():
+        first = get_rel_pos(4, 4, table)
+    index = get_rel_pos.__globals__["_rel_pos_index"]
+    assert index.cache_info().misses == 1
+    # the index built under inference mode still works where autograd records
+    got = get_rel_pos(4, 4, table)
+    assert index.cache_info().hits == 1
+    got.sum().backward()
+    assert table.grad is not None and float(table.grad.abs().sum()) > 0
+    torch.testing.assert_close(got.detach(), first)
+    # and it reads the table as it is now, not as it was when the index was built
+    with torch.no_grad():
+        table.add_(1.0)
+    torch.testing.assert_close(get_rel_pos(4, 4, table).detach(), first + 1.0)
+
+
 def test_rel_pos_terms_count_their_einsums():
     from models.ledger import Ledger
 
