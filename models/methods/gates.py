@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 import torch
@@ -115,6 +115,10 @@ class Selection:
 
     index: torch.Tensor
     mask: torch.Tensor | None = None
+    # (B, lead, T) -> flat row positions: a frame reads and writes the same rows of several
+    # tensors of one layout, and each position tensor took four operator calls to build
+    _flat: dict[tuple[int, int, int], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -140,8 +144,11 @@ class Selection:
         ``x`` of ``shape`` (B, *lead, T, X)."""
         b, t = shape[0], shape[-2]
         lead = math.prod(shape[1:-2])
-        base = torch.arange(b * lead, device=self.index.device).view(b, lead, 1) * t
-        return base + self.index[:, None, :]
+        flat = self._flat.get((b, lead, t))
+        if flat is None:
+            base = torch.arange(b * lead, device=self.index.device).view(b, lead, 1) * t
+            flat = self._flat[b, lead, t] = base + self.index[:, None, :]
+        return flat
 
     def rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The selected rows of ``x`` (B, [h,] T, X) -> (B, [h,] K, X), padding rows

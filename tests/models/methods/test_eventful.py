@@ -302,6 +302,12 @@ def test_policies_and_ragged_selection():
     assert square[:, 0, 0].tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
     assert sel.columns(square)[:, 0, 0].sum(1).tolist() == [3, 1]
     assert Threshold(9.0)(norms).width == 0
+    # one selection reads rows of tensors of several layouts (its row positions are kept
+    # per layout): each read is the plain gather along the token dimension
+    for shape in [(2, 4, 5), (2, 3, 4, 2), (2, 4, 5), (2, 3, 4, 2)]:
+        x = torch.randn(shape)
+        index = sel.index.view(2, *[1] * (len(shape) - 3), 3, 1).expand(*shape[:-2], 3, shape[-1])
+        assert torch.equal(sel.rows(x), x.gather(-2, index))
 
 
 def test_prefix_always_and_buffer_never_aliased():
