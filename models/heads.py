@@ -171,11 +171,12 @@ class CenterNetHead(nn.Module):
         keep = (scores >= score_threshold) & (size > 0).all(1)
         packed = torch.cat([boxes.transpose(1, 2), scores[..., None], (idx // (h * w))[..., None],
                             keep[..., None]], 2).cpu()                # (b, k, 7)
-        out = []
-        for row in packed:
-            row = row[row[:, 6].bool()]
-            out.append(Detections(row[:, :4], row[:, 4], row[:, 5].long()))
-        return out
+        kept = packed[:, :, 6].bool()
+        rows = packed[kept]                                           # (kept, 7), image order
+        counts = kept.sum(1).tolist()
+        return [Detections(*parts) for parts in zip(rows[:, :4].split(counts),
+                                                    rows[:, 4].split(counts),
+                                                    rows[:, 5].long().split(counts))]
 
 
 class LinearHead(nn.Module):

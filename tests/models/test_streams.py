@@ -155,11 +155,32 @@ def test_boxes_are_clipped_to_the_frame_and_dropped_when_nothing_is_left():
                                     [130.0, 10.0, 150.0, 30.0],  # right of the frame
                                     [5.0, 5.0, 9.0, 9.0]]),      # inside, under threshold
                       torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0, 1, 2, 0]))
-    got = frame_detections(dets, scale=2.0, frame_size=(40, 60), score_threshold=0.3)
+    got, = frame_detections([dets], [2.0], [(40, 60)], score_threshold=0.3)
     torch.testing.assert_close(got.boxes, torch.tensor([[5.0, 5.0, 15.0, 10.0],
                                                         [0.0, 25.0, 10.0, 40.0]]))
     torch.testing.assert_close(got.scores, torch.tensor([0.9, 0.8]))
     assert got.labels.tolist() == [0, 1]
+    # streams converted together: each with its own scale and frame, exactly as alone
+    g = torch.Generator().manual_seed(0)
+    many = [Detections(torch.rand(n, 4, generator=g).sort(1).values * 200 - 20,
+                       torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g))
+            for n in (25, 0, 40, 3)]
+    scales, frames = [2.0, 1.0, 0.75, 3.3], [(40, 60), (10, 10), (150, 90), (33, 47)]
+    together = frame_detections(many + [dets], scales + [2.0], frames + [(40, 60)], 0.3)
+    assert len(together) == 5 and torch.equal(together[4].boxes, got.boxes)
+    kept = sum(len(d.scores) for d in together[:4])
+    assert 0 < kept < sum(int((d.scores >= 0.3).sum()) for d in many)  # some fell outside
+    for d, scale, frame, joint in zip(many, scales, frames, together):
+        alone, = frame_detections([d], [scale], [frame], 0.3)
+        assert torch.equal(joint.boxes, alone.boxes) and torch.equal(joint.scores, alone.scores)
+        assert torch.equal(joint.labels, alone.labels)
+        want = [(b, s, lab) for b, s, lab in zip((d.boxes / scale).tolist(), d.scores.tolist(),
+                                                  d.labels.tolist()) if s >= 0.3]
+        want = [([min(max(v, 0.0), frame[1 - i % 2]) for i, v in enumerate(b)], s, lab)
+                for b, s, lab in want]
+        want = [w for w in want if w[0][2] > w[0][0] and w[0][3] > w[0][1]]
+        assert alone.labels.tolist() == [lab for _, _, lab in want]
+        torch.testing.assert_close(alone.boxes, torch.tensor([b for b, _, _ in want]).view(-1, 4))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -262,6 +262,37 @@ def test_anchor_painting():
     assert torch.equal(anchors[2], valid[2].view(4, 4))    # a box on padding only: the same
 
 
+def test_anchors_of_many_streams_are_each_streams_own():
+    """Painted together, each stream's anchors are those of its own boxes alone (random boxes,
+    some past the image's edges, streams with none)."""
+    g = torch.Generator().manual_seed(0)
+    grid, size = (6, 5), (96, 80)
+    dets = []
+    for i in range(7):
+        n = [0, 1, 4, 9][i % 4]
+        corner = torch.rand(n, 2, generator=g) * torch.tensor([80.0, 96.0]) - 10  # x, y
+        extent = torch.rand(n, 2, generator=g) * 40
+        dets.append(Detections(torch.cat([corner, corner + extent], 1),
+                               torch.rand(n, generator=g), torch.zeros(n, dtype=torch.long)))
+    valid = torch.rand(7, 30, generator=g) > 0.2
+    for v in (valid, None):
+        together = paint_anchors(dets, grid, size, 0.3, v)
+        for i, d in enumerate(dets):
+            alone = paint_anchors([d], grid, size, 0.3, None if v is None else v[i:i + 1])
+            assert torch.equal(together[i], alone[0])
+    # and one stream alone is the definition: patches a box above the threshold overlaps
+    boxes = dets[3].boxes[dets[3].scores > 0.3]
+    want = torch.zeros(6, 5, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes.tolist():
+        for r in range(6):
+            for c in range(5):
+                overlap_y = r * 16 < y1 and (r + 1) * 16 > y0
+                overlap_x = c * 16 < x1 and (c + 1) * 16 > x0
+                want[r, c] |= overlap_y and overlap_x
+    assert want.any() and not want.all()
+    assert torch.equal(paint_anchors([dets[3]], grid, size, 0.3, None)[0].view(6, 5), want)
+
+
 # --- streams ----------------------------------------------------------------------------------
 
 def test_batched_streams_equal_each_stream_alone_and_select(detector, clips):
