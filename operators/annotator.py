@@ -249,7 +249,9 @@ class AnnotatorActor:
         else:
             for clip in out.clips:
                 first_index, first_ts = s.steps[clip.first_step]
-                last_index, last_ts = s.steps[min(clip.last_step, len(s.steps) - 1)]
+                last_step = min(clip.last_step, len(s.steps) - 1)
+                last_index, last_ts = s.steps[last_step]
+                frames = last_step - clip.first_step + 1
                 fps = float(row["fps"]) or 0.0
                 end_ts = last_ts + (1.0 / fps if fps else 0.0)
                 probs = clip.probs.float()
@@ -264,6 +266,7 @@ class AnnotatorActor:
                     c["clip_end_s"].append(end_ts)
                     c["first_frame"].append(first_index)
                     c["last_frame"].append(last_index)
+                    c["frames"].append(frames)
                     c["rank"].append(rank)
                     c["label"].append(self._label(label))
                     c["label_id"].append(int(label))
@@ -277,7 +280,7 @@ class AnnotatorActor:
             return ("video_id", "uri", "segment_id", "frame_index", "timestamp_s", "label",
                     "label_id", "score", "x0", "y0", "x1", "y1")
         return ("video_id", "uri", "segment_id", "clip_start_s", "clip_end_s", "first_frame",
-                "last_frame", "rank", "label", "label_id", "score")
+                "last_frame", "frames", "rank", "label", "label_id", "score")
 
     def _stats(self, s: _Stream) -> dict[str, Any]:
         d = s.decoder

@@ -67,6 +67,8 @@ RECOGNITIONS = _schema(
     ("clip_end_s", pa.float64()),
     ("first_frame", pa.int64()),          # global indices of the clip's first and last frame
     ("last_frame", pa.int64()),
+    ("frames", pa.int32()),               # the video's frames in the clip; fewer than the
+                                          # model's clip when the video ended first (padded)
     ("rank", pa.int32()),                 # 1 = most likely
     ("label", pa.string()),
     ("label_id", pa.int32()),

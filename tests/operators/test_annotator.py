@@ -110,6 +110,7 @@ def test_recognition_clips_carry_global_frames_and_times(tiny_recognizer, video_
     # 3-frame last segment still gets one (padded) clip.
     assert clips["first_frame"].tolist() == [0, 8, 20, 28, 40]
     assert clips["last_frame"].tolist() == [6, 14, 26, 34, 44]
+    assert clips["frames"].tolist() == [4, 4, 4, 4, 3]  # 40, 42, 44 and 44 again
     assert clips["clip_start_s"].tolist() == pytest.approx([0.0, 0.8, 2.0, 2.8, 4.0], abs=1e-3)
     assert clips["clip_end_s"].tolist() == pytest.approx([0.7, 1.5, 2.7, 3.5, 4.5], abs=1e-3)
     top = t.sort_values(["first_frame", "rank"]).groupby("first_frame")["score"].apply(list)

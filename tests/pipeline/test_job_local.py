@@ -212,3 +212,27 @@ def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
     assert main(["run", spec, "--dry-run", "--set", f"input.uri={empty}"]) == 2
     assert "input.patterns: no videos" in capsys.readouterr().err
     shutil.rmtree(empty)
+
+
+def test_recognition_outputs_of_the_earlier_annotation_format_are_not_resumed(tmp_path):
+    """Clips gained a `frames` column: a recognition output written before it is refused
+    for resume (its files would mix two schemas), with the reason; detection fingerprints
+    are unchanged."""
+    from types import SimpleNamespace as NS
+
+    from pipeline.job import JobRefused, _check_output, _fingerprint_inputs
+    from pipeline.manifest import fingerprint
+    from pipeline.storage import Location
+
+    spec = NS(decode=NS(fps=None, segment_frames=64, frame_stride=4, backend="pyav"),
+              output=NS(uri=str(tmp_path), mode="resume"))
+    model = {"task": "recognition", "name": "videomae-synth", "input_size": 112}
+    now = _fingerprint_inputs(spec, model, "sta", {"r": 24}, None)
+    before = {k: v for k, v in now.items() if k != "annotation_format"}
+    (tmp_path / "job.json").write_text(json.dumps(
+        {"fingerprint": fingerprint(before), "fingerprint_inputs": before}))
+    with pytest.raises(JobRefused, match="differs in: annotation_format"):
+        _check_output(spec, Location.open(str(tmp_path)), fingerprint(now), now)
+    assert _check_output(spec, Location.open(str(tmp_path)), fingerprint(before), before)
+    detection = _fingerprint_inputs(spec, {**model, "task": "detection"}, "none", {}, None)
+    assert "annotation_format" not in detection
