@@ -297,7 +297,7 @@ def run(args) -> int:
         "svit_training": {
             "steps": len(history), "batch": args.batch, "lr": args.lr,
             "backbone_lr": args.backbone_lr, "labels": args.labels,
-            "schedule": args.schedule, "settle": args.settle,
+            "schedule": args.schedule, "settle": args.settle, "seed": args.seed,
             "frame_stride": None if args.labels else args.frame_stride,
             "loss": (("task loss on labels (" + ("CenterNet" if model.task == "detection"
                                                  else "cross-entropy") + ")")

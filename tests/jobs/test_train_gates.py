@@ -39,7 +39,7 @@ def test_trains_and_ships_a_zoo_entry(videos, tmp_path, monkeypatch, capsys):
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["arch"] == "videomae-s"
     assert card["options"]["svit"] == {"dense_blocks": 1, "keep_ratios": [0.8, 0.6, 0.4]}
-    assert card["svit_training"]["steps"] == 3
+    assert card["svit_training"]["steps"] == 3 and card["svit_training"]["seed"] == 0
 
     monkeypatch.setattr(registry, "ZOO_DIR", out.parent)
     model = build_model("tiny-svit")
