@@ -54,7 +54,9 @@ def add_parser(subparsers) -> None:
                         "the paper fine-tunes the whole model)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rates: constant (default) or a cosine decay to 0 over the "
-                        "steps (the DeiT recipe the paper fine-tunes with)")
+                        "steps (the DeiT recipe the paper fine-tunes with; with --settle it "
+                        "did worse on the zoo recognizer, the gates' rate being near 0 while "
+                        "the noise fades: docs/RESULTS.md, run I)")
     p.add_argument("--settle", type=float, default=0.0,
                    help="share of the final steps over which the Gumbel noise of the keep "
                         "bits fades to 0, so that training ends on the inference decisions "
