@@ -239,8 +239,10 @@ class StreamRunner:
     def finish(self, state: RunnerState, streams: Sequence[int] | None = None
                ) -> list[StepOutput]:
         """End streams (all by default). A recognizer stream that has not completed a single
-        clip gets one from its frames so far, the last frame repeated to fill it; otherwise
-        a partial trailing clip is dropped. Returns one output per ended stream."""
+        clip gets one from its frames so far, the last frame repeated to fill it (a
+        factorised model: its unfinished time step filled with the last frame, then its last
+        time step repeated); otherwise a partial trailing clip is dropped. Returns one output
+        per ended stream."""
         streams = list(range(state.batch)) if streams is None else list(streams)
         outs = [StepOutput() for _ in streams]
         if self.task != "recognition":
@@ -255,9 +257,9 @@ class StreamRunner:
                 state.clip_frames[i] = frames + [frames[-1]] * (self.clip_frames - len(frames))
                 self._run_clips([i], state, [outs[j]], padded=True)
             else:
-                if not state.clip_embeddings[i]:  # shorter than one tubelet
+                if state.pending:  # frames of an unfinished time step: complete it
                     self._finish_tubelet(i, state, outs[j])
-                emb = state.clip_embeddings[i]
+                emb = state.clip_embeddings[i]  # then repeat the last time step
                 state.clip_embeddings[i] = emb + [emb[-1]] * (self.clip_steps - len(emb))
                 self._run_temporal([i], state, [outs[j]], padded=True)
         return outs
@@ -311,8 +313,8 @@ class StreamRunner:
         return outs
 
     def _finish_tubelet(self, i: int, state: RunnerState, out: StepOutput) -> None:
-        """Stream ``i`` ends before its first tubelet is complete: repeat its last frame to
-        fill one, and run the spatial model on it."""
+        """Stream ``i`` ends in the middle of a tubelet: repeat its last frame to fill it, and
+        run the spatial model on it (the clip's last time step)."""
         frames = [p[i] for p in state.pending]
         frames += [frames[-1]] * (self.tubelet - len(frames))
         images = torch.stack(frames, dim=1).flatten(0, 1)[None]  # (1, 3 * tubelet, H, W)
@@ -321,8 +323,9 @@ class StreamRunner:
         ctx = StepContext(valid=None, first=True, input_size=tuple(images.shape[-2:]))
         sub_state = state.method.select(torch.as_tensor([i]))
         tokens = self.method.forward(self.model.backbone, emb, sub_state, ledger, ctx)
-        state.clip_start[i] = state.steps - len(state.pending)
-        state.clip_embeddings[i] = [self.model.frame_embedding(tokens)[0]]
+        if not state.clip_embeddings[i]:
+            state.clip_start[i] = state.steps - len(state.pending)
+        state.clip_embeddings[i].append(self.model.frame_embedding(tokens)[0])
         self._account([out], ledger, self.dense_ledger("frame"))
 
     def _run_temporal(self, streams: list[int], state: RunnerState, outs: list[StepOutput],

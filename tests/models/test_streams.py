@@ -252,3 +252,14 @@ def test_vivit_tubelets_through_the_runner():
     with torch.no_grad():
         torch.testing.assert_close(ended.clips[0].probs, model(pre[None]).softmax(-1)[0],
                                    rtol=1e-4, atol=1e-6)
+    # three frames: one whole time step and half of the next, which the last frame fills
+    # (frames 0, 1, 2, 2), not a repeat of the whole first step
+    short = runner.new_state(1)
+    for step in range(3):
+        runner.step([video[step][0]], short)
+    clip, = runner.finish(short)[0].clips
+    assert clip.padded and (clip.first_step, clip.last_step) == (0, 2)
+    pre = torch.stack([runner.preprocess_recognition(video[s][0]) for s in (0, 1, 2, 2)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.probs, model(pre[None]).softmax(-1)[0],
+                                   rtol=1e-4, atol=1e-6)
