@@ -68,7 +68,7 @@ RECOGNITIONS = _schema(
     ("first_frame", pa.int64()),          # global indices of the clip's first and last frame
     ("last_frame", pa.int64()),
     ("frames", pa.int32()),               # the video's frames in the clip; fewer than the
-                                          # model's clip when the video ended first (padded)
+                                          # model's clip in a segment too short for one
     ("rank", pa.int32()),                 # 1 = most likely
     ("label", pa.string()),
     ("label_id", pa.int32()),
