@@ -406,9 +406,9 @@ def frame_detections(dets: Sequence[Detections], scales: Sequence[float],
     b = len(dets)
     counts = torch.tensor([len(d.scores) for d in dets])
     stream = torch.repeat_interleave(torch.arange(b), counts)
-    boxes = torch.cat([d.boxes.cpu() for d in dets]).float()
-    scores = torch.cat([d.scores.cpu() for d in dets]).float()
-    labels = torch.cat([d.labels.cpu() for d in dets])
+    boxes = torch.cat([d.boxes for d in dets]).cpu().float()
+    scores = torch.cat([d.scores for d in dets]).cpu().float()
+    labels = torch.cat([d.labels for d in dets]).cpu()
     scale = torch.tensor(scales, dtype=torch.float32)[stream, None]
     height, width = torch.tensor(frame_sizes, dtype=torch.float32)[stream].unbind(1)
     bound = torch.stack([width, height, width, height], dim=1)
