@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import (Attention, _FusedRelPosSoftmax, add_rel_pos_, get_rel_pos,
-                           rel_pos_softmax_, rel_pos_terms, softmax_)
+from models.layers import (Attention, _FusedRelPosSoftmax, _rel_pos_index, add_rel_pos_,
+                           get_rel_pos, rel_pos_softmax_, rel_pos_terms, softmax_)
 from models.vit import ViT
 
 torch.manual_seed(0)
@@ -140,11 +140,11 @@ def test_get_rel_pos_scales_and_interpolates_like_detectron2():
 
 def test_rel_pos_lookup_is_built_once_and_serves_inference_and_training():
     # the (q, k) lookup depends on the sizes only: built on first use, then reused
-    get_rel_pos.__globals__["_rel_pos_index"].cache_clear()
+    _rel_pos_index.cache_clear()
     table = torch.randn(7, 3, requires_grad=True)
     with torch.inference_mode():
         first = get_rel_pos(4, 4, table)
-    index = get_rel_pos.__globals__["_rel_pos_index"]
+    index = _rel_pos_index
     assert index.cache_info().misses == 1
     # the index built under inference mode still works where autograd records
     got = get_rel_pos(4, 4, table)
