@@ -589,8 +589,10 @@ class DecordSegment:
     longer than a batch puts in the middle of it are decoded more than once.
 
     An error in decord's thread surfaces on the next call, even when the frames asked for
-    precede the damage; so after an error the first frame is asked of a fresh reader alone,
-    and only its failure there ends the segment.
+    precede the damage; so after an error the first frame is asked of a fresh reader alone.
+    Even alone it can be lost to the thread running into damage just after it, depending on
+    timing, so a frame a fresh reader fails on is confirmed with PyAV (:meth:`_confirmed`),
+    and only a frame both fail on ends the segment.
     """
 
     target: str
@@ -665,16 +667,37 @@ class DecordSegment:
 
     def _batch(self, chunk: list[int]) -> np.ndarray:
         """The frames ``chunk`` from decord, its thread stopped after them; after an error,
-        the first of them alone from a fresh reader (see the class docstring)."""
+        the first of them alone from a fresh reader, and should that fail too, from PyAV
+        (see the class docstring)."""
         fresh, self._fresh = self._fresh, False
         try:
             return self._stopped(self._reader.get_batch(chunk).asnumpy())
-        except Exception:
+        except Exception as exc:
             if fresh and len(chunk) == 1:
-                raise
+                return self._confirmed(chunk[0], exc)
         self._reader = self._new_reader()
         self._fresh = False
-        return self._stopped(self._reader.get_batch(chunk[:1]).asnumpy())
+        try:
+            return self._stopped(self._reader.get_batch(chunk[:1]).asnumpy())
+        except Exception as exc:
+            return self._confirmed(chunk[0], exc)
+
+    def _confirmed(self, target: int, exc: Exception) -> np.ndarray:
+        """Frame ``target`` decoded by PyAV after a fresh decord reader failed on it alone,
+        or decord's error ``exc`` when PyAV fails on it too.
+
+        decord's thread runs ahead of the frame asked for, so whether a frame just before
+        damage is handed over or lost to the error depends on how far the thread got: on a
+        busy machine it can be lost. PyAV decodes nothing ahead of its caller, so it tells a
+        damaged frame from a racing thread, and the segment ends at the same frame as with
+        ``decode.backend: pyav`` however busy the machine.
+        """
+        segment = AVSegment(self.target, [target])
+        frame = segment.read()
+        segment.close()
+        if frame is None:
+            raise exc
+        return frame.rgb[None]
 
     def _stopped(self, rgb: np.ndarray) -> np.ndarray:
         self._reader.seek(0)  # stops decord's thread; the next batch seeks where it needs
