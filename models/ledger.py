@@ -37,8 +37,10 @@ class Ledger:
     A frame makes a few hundred counting calls, most of them one number for every stream.
     Those are summed as Python floats and folded into the per-stream tensors when ``macs`` or
     ``tokens`` is read: two tensor operations per call were a fifth of a dense step's
-    operator calls (host time that a GPU waits on). The sums are the same: every count is a
-    whole number far below 2**53, so float64 adds them exactly in any order.
+    operator calls (host time that a GPU waits on). Per-stream tensors (the ragged policies)
+    are summed on their own device and moved to the host when read, once per step: moving
+    each one at once would wait for the GPU at every counting call. The sums are the same:
+    every count is a whole number far below 2**53, so float64 adds them exactly in any order.
     """
 
     def __init__(self, batch: int) -> None:
@@ -47,6 +49,8 @@ class Ledger:
         self._tokens = _zeros(batch)
         self._uniform = dict.fromkeys(CATEGORIES, 0.0)  # per stream, not yet in ``_macs``
         self._uniform_tokens = 0.0
+        self._ragged: dict[str, torch.Tensor] = {}  # per stream, on the counts' device
+        self._ragged_tokens: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Ledger(batch={self.batch}, run={self.run_macs().tolist()})"
@@ -59,6 +63,9 @@ class Ledger:
             if value:
                 self._macs[name] += value
                 self._uniform[name] = 0.0
+        for name, value in self._ragged.items():
+            self._macs[name] += value.to("cpu")
+        self._ragged.clear()
         return self._macs
 
     @property
@@ -67,11 +74,14 @@ class Ledger:
         if self._uniform_tokens:
             self._tokens += self._uniform_tokens
             self._uniform_tokens = 0.0
+        if self._ragged_tokens is not None:
+            self._tokens += self._ragged_tokens.to("cpu")
+            self._ragged_tokens = None
         return self._tokens
 
     @tokens.setter
     def tokens(self, value: torch.Tensor) -> None:  # ``ledger.tokens += ...`` reads, then sets
-        self._tokens, self._uniform_tokens = value, 0.0
+        self._tokens, self._uniform_tokens, self._ragged_tokens = value, 0.0, None
 
     # -- recording ---------------------------------------------------------------------------
     def add(self, macs: int | float | torch.Tensor, category: str = "backbone") -> None:
@@ -79,7 +89,7 @@ class Ledger:
         if category not in self._uniform:
             raise KeyError(f"unknown ledger category {category!r}; expected one of {CATEGORIES}")
         if isinstance(macs, torch.Tensor):
-            self._macs[category] += _per_stream(macs, self.batch)
+            self._ragged[category] = _accumulate(self._ragged.get(category), macs, self.batch)
         else:
             self._uniform[category] += float(macs)
 
@@ -103,7 +113,7 @@ class Ledger:
     def processed(self, tokens: int | torch.Tensor) -> None:
         """Tokens that went through one block's MLP (the token-count figure)."""
         if isinstance(tokens, torch.Tensor):
-            self._tokens += _per_stream(tokens, self.batch)
+            self._ragged_tokens = _accumulate(self._ragged_tokens, tokens, self.batch)
         else:
             self._uniform_tokens += float(tokens)
 
@@ -134,16 +144,29 @@ def _zeros(batch: int) -> torch.Tensor:
     return torch.zeros(batch, dtype=torch.float64, device="cpu")
 
 
-def _per_stream(value: torch.Tensor, batch: int) -> torch.Tensor:
-    value = value.detach().to("cpu", torch.float64)
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor, batch: int) -> torch.Tensor:
+    """``total + value`` per stream, on ``value``'s device (a new tensor the first time: the
+    caller's is never added into)."""
+    value = _float64(value)
     if value.ndim == 0:
-        return value.expand(batch)
-    if value.shape != (batch,):
+        value = value.expand(batch)
+    elif value.shape != (batch,):
         raise ValueError(f"per-stream count has shape {tuple(value.shape)}, expected ({batch},)")
-    return value
+    if total is None:
+        return value.clone()
+    if total.device != value.device:  # counts from two devices: summed on the host
+        return total.to("cpu") + value.to("cpu")
+    return total.add_(value)
+
+
+def _float64(count: torch.Tensor) -> torch.Tensor:
+    count = count.detach()
+    if count.device.type == "mps":  # no float64 there
+        count = count.to("cpu")
+    return count.to(torch.float64)
 
 
 def _scale(count: int | torch.Tensor, factor: int) -> int | torch.Tensor:
     if isinstance(count, torch.Tensor):
-        return count.detach().to("cpu", torch.float64) * factor
+        return _float64(count) * factor
     return count * factor

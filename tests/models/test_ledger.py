@@ -101,3 +101,44 @@ def test_counting_a_number_runs_no_tensor_operations():
     assert Count.calls == 0
     assert led.run_macs().tolist() == [100 * (250 + 40 + 10)] * 8
     assert led.tokens.tolist() == [1000.0] * 8
+
+
+def test_per_stream_tensors_are_counted_on_their_device_until_read():
+    # The ragged policies (eventful's threshold, SViT) count tensors that live on the GPU:
+    # moving each one to the host would wait for the GPU at every counting call. The meta
+    # device stands in for the GPU here: a copy to the CPU would fail on it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Devices.seen.add(t.device.type)
+            return out
+
+    led = Ledger(3)
+    layer = torch.nn.Linear(4, 5)
+    counts = torch.tensor([1, 2, 0], device="meta")
+    with Devices():
+        for _ in range(10):
+            led.linear(layer, counts)
+            led.add(torch.tensor(4.0, device="meta"), "overhead")
+            led.processed(counts)
+    assert Devices.seen == {"meta"}
+
+    # on the CPU: the same sums, and the caller's tensors are not added into
+    led = Ledger(3)
+    counts = torch.tensor([1.0, 2.0, 0.0])
+    for _ in range(10):
+        led.linear(layer, counts)
+        led.add(torch.tensor(4.0), "overhead")
+        led.processed(counts)
+        led.add(1)
+    assert counts.tolist() == [1.0, 2.0, 0.0]
+    assert led.macs["backbone"].tolist() == [260.0, 510.0, 10.0]
+    assert led.macs["overhead"].tolist() == [40.0] * 3
+    assert led.tokens.tolist() == [10.0, 20.0, 0.0]
+    assert led.macs["backbone"].device.type == "cpu"
