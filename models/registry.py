@@ -8,6 +8,7 @@ model card). Job specs name either a zoo entry, or an architecture plus a checkp
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,26 @@ class ZooEntry:
     class_names: list[str]
     weights: Path
     card: dict[str, Any]
+
+    def identity(self) -> str:
+        """What names this model in a job's fingerprint: a hash of its weights' bytes and of
+        the card without the fields that only document it (:data:`CARD_DOCUMENTATION`), so a
+        reworded card or a metric measured again leaves every job's fingerprint, and so its
+        resume, alone. A field not known to be documentation counts."""
+        card = {k: v for k, v in self.card.items() if k not in CARD_DOCUMENTATION}
+        if isinstance(card.get("pruning"), dict):
+            card["pruning"] = {k: v for k, v in card["pruning"].items() if k != "chosen_on"}
+        digest = hashlib.sha256()
+        digest.update(json.dumps(card, sort_keys=True).encode())
+        with open(self.weights, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return f"zoo:{digest.hexdigest()[:16]}"
+
+
+#: Card fields that say how a zoo model was trained, measured and chosen, not how it runs
+#: (``pruning.chosen_on`` too): they may change without changing one output.
+CARD_DOCUMENTATION = ("description", "base_model", "model_card", "svit_training")
 
 
 def zoo_entries(zoo_dir: str | Path | None = None) -> dict[str, ZooEntry]:

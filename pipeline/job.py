@@ -189,9 +189,7 @@ def _check_model(spec: Any):
 def _zoo_identity(name: str) -> str:
     from models import zoo_entries
 
-    entry = zoo_entries()[name]
-    card = json.dumps(entry.card, sort_keys=True)
-    return f"zoo:{fingerprint({'card': card, 'size': entry.weights.stat().st_size})}"
+    return zoo_entries()[name].identity()
 
 
 def _fingerprint_inputs(spec: Any, model: dict[str, Any], method: str, params: dict[str, Any],
