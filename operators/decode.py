@@ -605,6 +605,7 @@ class DecordSegment:
     _batch_frames: int = field(default=1, repr=False)
     _ready: list[Frame] = field(default_factory=list, repr=False)  # decoded, not yet read
     _next: int = field(default=0, repr=False)
+    _pyav: AVSegment | None = field(default=None, repr=False)  # confirms lost frames
 
     def read(self) -> Frame | None:
         return _read_next(self, decord_message)  # decord's errors (DECORDError)
@@ -690,14 +691,16 @@ class DecordSegment:
         damage is handed over or lost to the error depends on how far the thread got: on a
         busy machine it can be lost. PyAV decodes nothing ahead of its caller, so it tells a
         damaged frame from a racing thread, and the segment ends at the same frame as with
-        ``decode.backend: pyav`` however busy the machine.
+        ``decode.backend: pyav`` however busy the machine. (A video decord fails on
+        throughout is so decoded by PyAV from the first such frame on: one PyAV decoder,
+        kept open, reads on from frame to frame.)
         """
-        segment = AVSegment(self.target, [target])
-        frame = segment.read()
-        segment.close()
-        if frame is None:
-            raise exc
-        return frame.rgb[None]
+        if self._pyav is None:  # kept open: it reads on from where it was, as a segment does
+            self._pyav = AVSegment(self.target, [])
+        try:
+            return self._pyav._read(target).rgb[None]
+        except Exception:
+            raise exc from None
 
     def _stopped(self, rgb: np.ndarray) -> np.ndarray:
         self._reader.seek(0)  # stops decord's thread; the next batch seeks where it needs
@@ -706,6 +709,9 @@ class DecordSegment:
     def close(self) -> None:
         self._reader = None
         self._ready = []
+        if self._pyav is not None:
+            self._pyav.close()
+            self._pyav = None
 
 
 def open_segment(target: str, indices: list[int], backend: str = "pyav"
