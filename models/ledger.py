@@ -156,7 +156,7 @@ def _accumulate(total: torch.Tensor | None, value: torch.Tensor, batch: int) -> 
         return value.clone()
     if total.device != value.device:  # counts from two devices: summed on the host
         return total.to("cpu") + value.to("cpu")
-    return total.add_(value)
+    return total + value  # not in place: ``total`` may have been made in inference mode
 
 
 def _float64(count: torch.Tensor) -> torch.Tensor:
