@@ -119,6 +119,9 @@ class Selection:
     # tensors of one layout, and each position tensor took four operator calls to build
     _flat: dict[tuple[int, int, int], torch.Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    # (selected, padding) per stream of a ragged selection: every layer run on it counts them
+    _ragged_counts: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -126,17 +129,24 @@ class Selection:
 
     @property
     def count(self) -> Count:
-        """Selected tokens per stream."""
+        """Selected tokens per stream (float64, the ledger's type, when they differ)."""
         if self.mask is None:
             return self.width
-        return self.mask.sum(1)
+        return self._counts()[0]
 
     @property
     def padding(self) -> Count:
         """Padding rows per stream (executed, not selected)."""
         if self.mask is None:
             return 0
-        return self.width - self.mask.sum(1)
+        return self._counts()[1]
+
+    def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ragged_counts is None:
+            mps = self.mask.device.type == "mps"  # no float64 there: the ledger converts
+            count = self.mask.sum(1, dtype=None if mps else torch.float64)
+            self._ragged_counts = (count, self.width - count)
+        return self._ragged_counts
 
     # -- rows ---------------------------------------------------------------------------------
     def _flat_rows(self, shape: torch.Size) -> torch.Tensor:

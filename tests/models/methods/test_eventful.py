@@ -294,6 +294,8 @@ def test_policies_and_ragged_selection():
     assert TopR(9)(norms).width == 4 and TopFraction(0.5)(norms).width == 2
     sel = Threshold(0.5)(norms)
     assert sel.width == 3 and sel.count.tolist() == [3, 1] and sel.padding.tolist() == [0, 2]
+    # every layer run on a selection counts it: the counts are computed once
+    assert sel.count is sel.count and sel.padding is sel.padding
     target = torch.zeros(2, 4, 1)
     sel.write_rows(target, torch.ones(2, 3, 1))
     assert target[..., 0].tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]  # padding rows not written
