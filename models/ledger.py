@@ -38,9 +38,12 @@ class Ledger:
     Those are summed as Python floats and folded into the per-stream tensors when ``macs`` or
     ``tokens`` is read: two tensor operations per call were a fifth of a dense step's
     operator calls (host time that a GPU waits on). Per-stream tensors (the ragged policies)
-    are summed on their own device and moved to the host when read, once per step: moving
-    each one at once would wait for the GPU at every counting call. The sums are the same:
-    every count is a whole number far below 2**53, so float64 adds them exactly in any order.
+    are kept as they are, each with the sum of the factors it was counted with (a Python
+    float), and multiplied, summed on their own device and moved to the host when read, once
+    per step: moving each one at once would wait for the GPU at every counting call, and
+    multiplying and adding at once would launch two kernels per call. So a tensor must not
+    change in place after it is counted. The sums are the same: every count is a whole number
+    far below 2**53, so float64 adds them exactly in any order.
     """
 
     def __init__(self, batch: int) -> None:
@@ -49,8 +52,8 @@ class Ledger:
         self._tokens = _zeros(batch)
         self._uniform = dict.fromkeys(CATEGORIES, 0.0)  # per stream, not yet in ``_macs``
         self._uniform_tokens = 0.0
-        self._ragged: dict[str, torch.Tensor] = {}  # per stream, on the counts' device
-        self._ragged_tokens: torch.Tensor | None = None
+        # category (or "tokens") -> id -> [per-stream tensor, sum of its factors], not yet read
+        self._ragged: dict[str, dict[int, list]] = {}
 
     def __repr__(self) -> str:
         return f"Ledger(batch={self.batch}, run={self.run_macs().tolist()})"
@@ -63,9 +66,9 @@ class Ledger:
             if value:
                 self._macs[name] += value
                 self._uniform[name] = 0.0
-        for name, value in self._ragged.items():
-            self._macs[name] += value.to("cpu")
-        self._ragged.clear()
+        for name in CATEGORIES:
+            if name in self._ragged:
+                self._macs[name] += _fold(self._ragged.pop(name), self.batch)
         return self._macs
 
     @property
@@ -74,24 +77,36 @@ class Ledger:
         if self._uniform_tokens:
             self._tokens += self._uniform_tokens
             self._uniform_tokens = 0.0
-        if self._ragged_tokens is not None:
-            self._tokens += self._ragged_tokens.to("cpu")
-            self._ragged_tokens = None
+        if "tokens" in self._ragged:
+            self._tokens += _fold(self._ragged.pop("tokens"), self.batch)
         return self._tokens
 
     @tokens.setter
     def tokens(self, value: torch.Tensor) -> None:  # ``ledger.tokens += ...`` reads, then sets
-        self._tokens, self._uniform_tokens, self._ragged_tokens = value, 0.0, None
+        self._tokens, self._uniform_tokens = value, 0.0
+        self._ragged.pop("tokens", None)
 
     # -- recording ---------------------------------------------------------------------------
-    def add(self, macs: int | float | torch.Tensor, category: str = "backbone") -> None:
-        """Record ``macs`` per stream (a number applies to every stream of the batch)."""
+    def add(self, macs: int | float | torch.Tensor, category: str = "backbone",
+            times: int = 1) -> None:
+        """Record ``times * macs`` per stream (a number applies to every stream of the
+        batch; a tensor is read when the ledger is, see the class docstring)."""
         if category not in self._uniform:
             raise KeyError(f"unknown ledger category {category!r}; expected one of {CATEGORIES}")
         if isinstance(macs, torch.Tensor):
-            self._ragged[category] = _accumulate(self._ragged.get(category), macs, self.batch)
+            self._record(category, macs, times)
         else:
-            self._uniform[category] += float(macs)
+            self._uniform[category] += float(macs) * times
+
+    def _record(self, key: str, count: torch.Tensor, times: int) -> None:
+        if count.ndim != 0 and count.shape != (self.batch,):
+            raise ValueError(f"per-stream count has shape {tuple(count.shape)}, "
+                             f"expected ({self.batch},)")
+        entry = self._ragged.setdefault(key, {}).get(id(count))
+        if entry is None:  # the tensor is kept, so its id is not reused before it is read
+            self._ragged[key][id(count)] = [count, float(times)]
+        else:
+            entry[1] += times
 
     def linear(self, layer: torch.nn.Linear, tokens: int | torch.Tensor,
                category: str = "backbone") -> None:
@@ -99,12 +114,12 @@ class Ledger:
         per_token = layer.in_features * layer.out_features
         if layer.bias is not None:
             per_token += layer.out_features
-        self.add(_scale(tokens, per_token), category)
+        self.add(tokens, category, per_token)
 
     def matmul(self, out_elements: int | torch.Tensor, inner: int,
                category: str = "backbone") -> None:
         """A matrix product with ``out_elements`` outputs per stream and inner size ``inner``."""
-        self.add(_scale(out_elements, inner), category)
+        self.add(out_elements, category, inner)
 
     def adds(self, elements: int | torch.Tensor, category: str = "backbone") -> None:
         """Elementwise additions (residuals, biases, position terms)."""
@@ -113,7 +128,7 @@ class Ledger:
     def processed(self, tokens: int | torch.Tensor) -> None:
         """Tokens that went through one block's MLP (the token-count figure)."""
         if isinstance(tokens, torch.Tensor):
-            self._ragged_tokens = _accumulate(self._ragged_tokens, tokens, self.batch)
+            self._record("tokens", tokens, 1)
         else:
             self._uniform_tokens += float(tokens)
 
@@ -144,19 +159,16 @@ def _zeros(batch: int) -> torch.Tensor:
     return torch.zeros(batch, dtype=torch.float64, device="cpu")
 
 
-def _accumulate(total: torch.Tensor | None, value: torch.Tensor, batch: int) -> torch.Tensor:
-    """``total + value`` per stream, on ``value``'s device (a new tensor the first time: the
-    caller's is never added into)."""
-    value = _float64(value)
-    if value.ndim == 0:
-        value = value.expand(batch)
-    elif value.shape != (batch,):
-        raise ValueError(f"per-stream count has shape {tuple(value.shape)}, expected ({batch},)")
-    if total is None:
-        return value.clone()
-    if total.device != value.device:  # counts from two devices: summed on the host
-        return total.to("cpu") + value.to("cpu")
-    return total + value  # not in place: ``total`` may have been made in inference mode
+def _fold(entries: dict[int, list], batch: int) -> torch.Tensor:
+    """(batch,) float64 on the CPU: the sum of each recorded tensor times its factors, summed
+    on the tensors' device (on the CPU when they are on several) and moved once."""
+    terms = [_float64(count) * times for count, times in entries.values()]
+    if len({t.device for t in terms}) > 1:
+        terms = [t.to("cpu") for t in terms]
+    total = terms[0].expand(batch)
+    for t in terms[1:]:
+        total = total + t
+    return total.to("cpu")
 
 
 def _float64(count: torch.Tensor) -> torch.Tensor:
@@ -164,9 +176,3 @@ def _float64(count: torch.Tensor) -> torch.Tensor:
     if count.device.type == "mps":  # no float64 there
         count = count.to("cpu")
     return count.to(torch.float64)
-
-
-def _scale(count: int | torch.Tensor, factor: int) -> int | torch.Tensor:
-    if isinstance(count, torch.Tensor):
-        return _float64(count) * factor
-    return count * factor

@@ -218,9 +218,9 @@ class Selection:
 
 def count_rows(ledger: Ledger, sel: Selection, per_row: int, category: str) -> None:
     """``per_row`` ops for each selected row (to ``category``) and each padding row."""
-    ledger.add(sel.count * per_row, category)
+    ledger.add(sel.count, category, per_row)
     if sel.mask is not None:
-        ledger.add(sel.padding * per_row, "padding")
+        ledger.add(sel.padding, "padding", per_row)
 
 
 def count_linear(ledger: Ledger, layer: torch.nn.Linear, sel: Selection) -> None:

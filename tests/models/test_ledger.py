@@ -105,8 +105,9 @@ def test_counting_a_number_runs_no_tensor_operations():
 
 def test_per_stream_tensors_are_counted_on_their_device_until_read():
     # The ragged policies (eventful's threshold, SViT) count tensors that live on the GPU:
-    # moving each one to the host would wait for the GPU at every counting call. The meta
-    # device stands in for the GPU here: a copy to the CPU would fail on it.
+    # moving each one to the host would wait for the GPU at every counting call, and even
+    # multiplying and adding there launches kernels. The meta device stands in for the GPU
+    # here: a copy to the CPU would fail on it. Counting runs no tensor operation at all.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Devices(TorchDispatchMode):
@@ -127,7 +128,9 @@ def test_per_stream_tensors_are_counted_on_their_device_until_read():
             led.linear(layer, counts)
             led.add(torch.tensor(4.0, device="meta"), "overhead")
             led.processed(counts)
-    assert Devices.seen == {"meta"}
+    assert Devices.seen == set()
+    with pytest.raises(ValueError):
+        led.add(torch.ones(2, device="meta"))
 
     # on the CPU: the same sums, and the caller's tensors are not added into
     led = Ledger(3)
@@ -142,3 +145,6 @@ def test_per_stream_tensors_are_counted_on_their_device_until_read():
     assert led.macs["overhead"].tolist() == [40.0] * 3
     assert led.tokens.tolist() == [10.0, 20.0, 0.0]
     assert led.macs["backbone"].device.type == "cpu"
+    led.processed(torch.tensor(2.0))  # a 0-dim tensor applies to every stream
+    led.tokens += torch.tensor([1.0, 0.0, 0.0])
+    assert led.tokens.tolist() == [13.0, 22.0, 2.0]
