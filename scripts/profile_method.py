@@ -38,7 +38,14 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--shapes", action="store_true",
                    help="group the operators by input shapes too")
+    p.add_argument("--gpu-path", action="store_true",
+                   help="on the CPU, run eventful's batched GPU code path instead of its "
+                        "CPU-only blocks of rows (to count the operators a GPU would launch)")
     args = p.parse_args()
+    if args.gpu_path:
+        from models.methods import eventful
+
+        eventful._by_blocks = lambda qk: False
 
     device = torch.device(args.device)
     torch.manual_seed(0)
