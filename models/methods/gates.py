@@ -129,7 +129,7 @@ class Selection:
 
     @property
     def count(self) -> Count:
-        """Selected tokens per stream (float64, the ledger's type, when they differ)."""
+        """Selected tokens per stream."""
         if self.mask is None:
             return self.width
         return self._counts()[0]
@@ -143,8 +143,7 @@ class Selection:
 
     def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ragged_counts is None:
-            mps = self.mask.device.type == "mps"  # no float64 there: the ledger converts
-            count = self.mask.sum(1, dtype=None if mps else torch.float64)
+            count = self.mask.sum(1)
             self._ragged_counts = (count, self.width - count)
         return self._ragged_counts
 
