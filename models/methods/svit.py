@@ -33,8 +33,9 @@ Windowed blocks (ViTDet). The authors prune ViT-Adapter, whose ViT has global at
 token-wise parts (qkv, projection, MLP: ~95% of a windowed block) on the kept tokens only, put
 their qkv back in the grid, and run the windowed attention on the window grid with pruned
 tokens masked as keys, exactly the rule used in training (window padding stays a key, as in the
-dense model). Attention rows of pruned tokens are computed and discarded: they are executed, so
-the ledger counts them, as ``padding``. Packing kept tokens per window would save that ~5% at
+dense model). Attention rows of pruned tokens are computed and discarded: they run for the
+stream itself, at one stream too, so the ledger counts them as ``backbone`` (as rollout counts
+the dense windowed attention it runs). Packing kept tokens per window would save that ~5% at
 the price of per-window gathers and coordinate-based relative position.
 """
 
@@ -261,10 +262,9 @@ def _windowed_attention(blk: Block, qkv: torch.Tensor, positions: torch.Tensor,
         per_query = 2 * h * w * w * c  # q k^T and attn v over one window
         if attn.use_rel_pos:
             per_query += h * 2 * w * c + 2 * h * w * w
-        counts = keep.sum(dim=1).double()
-        window_pad = n_windows * w * w - n  # padding queries run in the dense model too
-        ledger.add((counts + window_pad) * per_query)
-        ledger.add((n - counts) * per_query, "padding")
+        # every query of every window runs, pruned and window padding ones included (the
+        # dense model runs the window padding too): the stream's own work, not padding
+        ledger.add(n_windows * w * w * per_query)
     return out.gather(1, positions.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
 
 

@@ -110,6 +110,33 @@ def test_ragged_batch_equals_per_stream_runs(key, frames):
     assert led.macs["padding"].sum() > 0
 
 
+def test_windowed_attention_runs_whole_windows_and_counts_them_as_backbone(frames):
+    """A windowed block computes every query of every window, pruned ones included (they are
+    masked as keys only): that work runs for the stream itself, so it is backbone work, not
+    padding, and one stream alone has no padding at all."""
+    model = gated_model("vitdet")
+    make_ragged(model)
+    x = inputs_for(model, frames)[:1]
+    _, led, state = run(model, x, build_method("svit"))
+    assert ((state.keep_fraction > 0) & (state.keep_fraction < 1)).any()
+    assert led.macs["padding"].tolist() == [0.0]
+    # one windowed block on a third of its tokens: the token-wise work (qkv, projection, MLP,
+    # residuals) scales with the kept tokens, the windowed attention is counted whole
+    blk = next(b for b in model.backbone.blocks if b.window)
+    emb = model.backbone.embed(x, Ledger(1))
+    n = emb.tokens.shape[1]
+    keep = torch.arange(n)[None] % 3 == 0
+    block_led, attention, dense = Ledger(1), Ledger(1), Ledger(1)
+    with torch.no_grad():
+        sparse_block(blk, emb.tokens, keep, emb.grid, 0, block_led)
+        blk.attn.attend(torch.zeros(1, n, 3 * 32), emb.grid, blk.window, ledger=attention)
+        blk(emb.tokens, emb.grid, 0, dense)
+    whole, per_token = attention.macs["backbone"][0].item(), dense.macs["backbone"][0].item()
+    per_token = (per_token - whole) / n
+    assert block_led.macs["backbone"][0].item() == whole + per_token * int(keep.sum())
+    assert block_led.macs["padding"].tolist() == [0.0]
+
+
 def test_ledger_counts_the_tokens_each_block_processed(frames):
     """The clip model: each gated block's work equals a dense block run on the kept tokens
     alone; the token count is the sum of kept tokens over blocks."""
