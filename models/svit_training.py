@@ -161,9 +161,8 @@ def _is_frame_recognizer(model: nn.Module) -> bool:
 
 
 def _embed(model: nn.Module, inputs: torch.Tensor) -> Embedded:
-    if _is_frame_recognizer(model):
-        b, c, t, h, w = inputs.shape
-        inputs = inputs.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    if _is_frame_recognizer(model):  # one spatial input per time step (a tubelet of frames)
+        inputs = model.stack_steps(inputs)
     return model.backbone.embed(inputs)
 
 

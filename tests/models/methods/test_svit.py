@@ -178,6 +178,24 @@ def test_pruned_tokens_keep_stale_features_and_can_come_back(frames):
     assert state.keep_fraction[:, 0].eq(0).all() and state.keep_fraction[:, 1:].eq(1).all()
 
 
+def test_gates_train_on_a_vivit_whose_steps_are_tubelets():
+    """A ViViT with tubelets of 2 frames (ViViT-B's layout): the gates see the spatial
+    model's inputs of 6 channels (two frames per step), as the runner gives them, and the
+    temporal model one embedding per step."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch="vivit-ti", input_size=32, depth=4, clip_frames=4,
+                        temporal_depth=1, num_classes=3, tubelet=2)
+    attach_gates(model)
+    clips = torch.randn(2, 3, 4, 32, 32)
+    for labels in (torch.tensor([0, 1]), None):  # the task loss, then distillation
+        history = train_gates(model, [(clips, labels)], GateTraining(steps=1))
+        assert len(history) == 1 and torch.isfinite(torch.tensor(history[0].loss))
+    measured = measure_keep(model, clips)
+    assert len(measured.fraction) == len(model.backbone.svit_gates.gates)
+
+
 def test_training_moves_the_keep_ratio_towards_its_targets():
     torch.manual_seed(0)
     model = build_arch("videomae-s", depth=4, dim=32, heads=2, input_size=64, clip_frames=4,
