@@ -40,7 +40,7 @@ import torch
 from ..layers import Block, Grid, add_rel_pos, add_rel_pos_, rel_pos_terms, scratch, softmax_
 from ..ledger import Ledger
 from ..vit import Embedded, ViT
-from . import register
+from . import MethodError, register
 from .base import Method, MethodState, StepContext
 from .gates import (Buffer, Gate, GateParams, Selection, count_linear, count_rows, give_back,
                     state_copy, state_empty)
@@ -139,6 +139,14 @@ class Eventful(Method):
     class Params(GateParams):
         sparse_attention: bool = True  # False: the paper's "Token-wise only" variant
         av_half: bool = False          # attention-value products in half precision
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.av_half and not self.sparse_attention:
+                raise MethodError(
+                    "av_half needs sparse_attention: the half-precision attention-value "
+                    "products are those of the sparse attention update (the paper's global "
+                    "self-attention operators); without it attention runs densely")
 
     gate_class: type[Gate] = Gate
 

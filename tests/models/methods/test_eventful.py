@@ -330,7 +330,9 @@ def test_prefix_always_and_buffer_never_aliased():
 @pytest.mark.parametrize("options", [{"policy": "nope"}, {"r": 0}, {"r": 1.5},
                                      {"policy": "threshold", "threshold": -1.0},
                                      {"policy": "top_fraction", "fraction": 0.0},
-                                     {"prefix": "sometimes"}, {"radius": 2}])
+                                     {"prefix": "sometimes"}, {"radius": 2},
+                                     # half-precision A v is part of the sparse attention
+                                     {"sparse_attention": False, "av_half": True}])
 def test_bad_parameters_are_refused(options):
     with pytest.raises(MethodError):
         build_method("eventful", **options)
