@@ -26,10 +26,16 @@ def clips(sample_videos) -> dict[str, list]:
 
 def vitdet(input_size: int = 224, **options):
     """ViTDet layout: windowed blocks 0 and 2 (7x7 windows, padded at other sizes), global
-    blocks 1 and 3, decomposed relative position everywhere."""
+    blocks 1 and 3, decomposed relative position everywhere, its tables random (they start at
+    zero, which would leave the methods' relative-position updates untested)."""
     torch.manual_seed(0)
     options = {"depth": 4, "window": 7, "global_blocks": (1, 3), **options}
-    return build_model(arch="vitdet-ti", input_size=input_size, **options)
+    model = build_model(arch="vitdet-ti", input_size=input_size, **options)
+    with torch.no_grad():
+        for blk in model.backbone.blocks:
+            blk.attn.rel_pos_h.normal_(std=0.3)
+            blk.attn.rel_pos_w.normal_(std=0.3)
+    return model
 
 
 def vivit():
