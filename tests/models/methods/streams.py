@@ -30,11 +30,18 @@ def vitdet(input_size: int = 224, **options):
     zero, which would leave the methods' relative-position updates untested)."""
     torch.manual_seed(0)
     options = {"depth": 4, "window": 7, "global_blocks": (1, 3), **options}
-    model = build_model(arch="vitdet-ti", input_size=input_size, **options)
+    return random_rel_pos(build_model(arch="vitdet-ti", input_size=input_size, **options))
+
+
+def random_rel_pos(model: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
+    """``model`` with random relative-position tables (from the global seed) in every block
+    that has them: they start at zero, which leaves a method's relative-position terms
+    untested."""
     with torch.no_grad():
         for blk in model.backbone.blocks:
-            blk.attn.rel_pos_h.normal_(std=0.3)
-            blk.attn.rel_pos_w.normal_(std=0.3)
+            if blk.attn.use_rel_pos:
+                blk.attn.rel_pos_h.normal_(std=std)
+                blk.attn.rel_pos_w.normal_(std=std)
     return model
 
 

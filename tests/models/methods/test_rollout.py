@@ -19,6 +19,8 @@ from models.methods.base import StepContext
 from models.methods.rollout import (fuse_heads, paint_anchors, rollout, row_norms, top_k,
                                     track)
 
+from .streams import random_rel_pos
+
 VIDEOS = ("mma_test.mp4", "decord_flipping_a_pancake.mkv", "mma_test.avi")  # 3 aspect ratios
 N = 196  # 14 x 14 tokens at 224
 
@@ -37,8 +39,8 @@ def clips(sample_videos):
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(0)
-    return build_model(arch="vitdet-ti", input_size=224, depth=4, window=8,
-                       global_blocks=(1, 3), neck_channels=64)
+    return random_rel_pos(build_model(arch="vitdet-ti", input_size=224, depth=4, window=8,
+                                      global_blocks=(1, 3), neck_channels=64))
 
 
 @pytest.fixture(scope="module")

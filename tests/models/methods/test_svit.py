@@ -12,6 +12,8 @@ from models.methods.svit import SViTState, attach_gates, default_keep_ratios, sp
 from models.svit_training import GateTraining, distill_mode, keep_bits, measure_keep, noise_at, \
     train_gates
 
+from .streams import random_rel_pos
+
 MODELS = {  # windowed + global blocks with relative position and window padding (10x10 grid,
     # windows of 4), a clip model, and a model with a class token
     "vitdet": ("vitdet-ti", dict(depth=8, dim=32, heads=2, input_size=160, window=4)),
@@ -44,7 +46,7 @@ def inputs_for(model, frames):
 def gated_model(key, seed=0):
     torch.manual_seed(seed)
     arch, options = MODELS[key]
-    model = build_arch(arch, **options).eval()
+    model = random_rel_pos(build_arch(arch, **options).eval())
     attach_gates(model)
     return model
 
