@@ -54,6 +54,7 @@ class StepOutput:
     gmacs_run: float = 0.0        # backbone + method overhead actually executed
     gmacs_dense: float = 0.0      # the same backbone work run densely
     gmacs_overhead: float = 0.0   # the method's own share of gmacs_run
+    gmacs_padding: float = 0.0    # run on this stream's padding rows in a ragged batch
     gmacs_head: float = 0.0       # head (+ neck) work, outside the backbone figure
     gmacs_embed: float = 0.0      # patch embedding, outside the backbone figure
     tokens_run: float = 0.0
@@ -381,13 +382,14 @@ class StreamRunner:
         # as Python lists first: indexing the tensors stream by stream cost two operator
         # calls per figure and stream
         run = ledger.run_macs().tolist()
-        overhead, head, embed = (ledger.macs[k].tolist() for k in ("overhead", "head",
-                                                                   "patch_embed"))
+        overhead, padding, head, embed = (ledger.macs[k].tolist() for k in (
+            "overhead", "padding", "head", "patch_embed"))
         tokens = ledger.tokens.tolist()
         dense_run, dense_tokens = float(dense.run_macs()[0]), float(dense.tokens[0])
         for i, o in enumerate(outs):
             o.gmacs_run += run[i] / 1e9
             o.gmacs_overhead += overhead[i] / 1e9
+            o.gmacs_padding += padding[i] / 1e9
             o.gmacs_head += head[i] / 1e9
             o.gmacs_embed += embed[i] / 1e9
             o.gmacs_dense += dense_run / 1e9

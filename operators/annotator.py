@@ -223,7 +223,8 @@ class AnnotatorActor:
             s.error = f"model error: {clean_error(exc)}"
 
     def _consume(self, s: _Stream, out: Any, frame: Frame | None) -> None:
-        for key in ("gmacs_dense", "gmacs_run", "gmacs_overhead", "tokens_dense", "tokens_run"):
+        for key in ("gmacs_dense", "gmacs_run", "gmacs_overhead", "gmacs_padding",
+                    "tokens_dense", "tokens_run"):
             s.cost[key] = s.cost.get(key, 0.0) + float(getattr(out, key))
         if s.first_cost is None and out.gmacs_dense > 0:
             s.first_cost = (float(out.gmacs_dense), float(out.gmacs_run))
@@ -305,6 +306,7 @@ class AnnotatorActor:
             "annotations": len(s.columns["video_id"]),
             "gmacs_dense": s.cost.get("gmacs_dense", 0.0), "gmacs_run": s.cost.get("gmacs_run", 0.0),
             "gmacs_overhead": s.cost.get("gmacs_overhead", 0.0),
+            "gmacs_padding": s.cost.get("gmacs_padding", 0.0),
             "gmacs_dense_first": first_dense, "gmacs_run_first": first_run,
             "tokens_dense": s.cost.get("tokens_dense", 0.0),
             "tokens_run": s.cost.get("tokens_run", 0.0),

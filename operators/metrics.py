@@ -8,6 +8,7 @@ segment completes. Ray exports them from each node's metrics port (``ray start
 ``ray_vidprune_frames_total``              frames decoded and run through the model
 ``ray_vidprune_gmacs_dense_total``         backbone GMACs the model would run densely
 ``ray_vidprune_gmacs_run_total``           backbone GMACs actually run (method overhead in)
+``ray_vidprune_gmacs_padding_total``       backbone GMACs run on padding rows of ragged batches
 ``ray_vidprune_segments_total``            segments finished, tagged ``status`` (ok/partial/error)
 ``ray_vidprune_segment_errors_total``      segments that ended partial or with an error
 ``ray_vidprune_videos_done_total``         videos whose every segment finished (driver)
@@ -28,7 +29,9 @@ from typing import Any
 TAG_KEYS = ("job", "model", "method")
 _AMOUNTS = (("vidprune_frames", "frames_decoded", "frames decoded and run through the model"),
             ("vidprune_gmacs_dense", "gmacs_dense", "backbone GMACs a dense model would run"),
-            ("vidprune_gmacs_run", "gmacs_run", "backbone GMACs actually run"))
+            ("vidprune_gmacs_run", "gmacs_run", "backbone GMACs actually run"),
+            ("vidprune_gmacs_padding", "gmacs_padding",
+             "backbone GMACs run on padding rows of ragged batches"))
 _METRICS: dict[str, Any] = {}
 
 
@@ -60,7 +63,7 @@ class JobMetrics:
             return
         tags = self.tags
         for name, key, description in _AMOUNTS:
-            value = float(stats[key])
+            value = float(stats.get(key) or 0.0)
             if value > 0:  # Ray's counters refuse increments of 0
                 _counter(name, description).inc(value, tags)
         _counter("vidprune_segments", "segments finished", ("status",)).inc(

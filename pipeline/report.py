@@ -8,8 +8,9 @@ shows what is complete so far. ``job.json`` only names the job and its settings.
 Estimated device-hours saved (``estimate`` in the summary), per device kind (``cpu``,
 ``cuda (<GPU name>)``)::
 
-    rate          = sum(gmacs_run) / sum(model_s)          GMACs per actor-second, measured
-    hours_saved   = (sum(gmacs_dense) - sum(gmacs_run)) / rate / 3600     actor-hours
+    executed      = sum(gmacs_run) + sum(gmacs_padding)
+    rate          = executed / sum(model_s)                GMACs per actor-second, measured
+    hours_saved   = (sum(gmacs_dense) - executed) / rate / 3600           actor-hours
     gpu_hours     = hours_saved * resources.gpus_per_actor  (cuda devices)
     cpu_hours     = hours_saved * resources.cpus_per_actor  (cpu)
 
@@ -111,7 +112,8 @@ def _estimate(rows: list[dict[str, Any]], resources: dict[str, Any]) -> dict[str
     devices = []
     gpu_hours = cpu_hours = 0.0
     for device, rs in sorted(by_device.items()):
-        run = sum(r["gmacs_run"] for r in rs)
+        # padding rows of ragged batches ran too: in the measured rate and not saved
+        run = sum(r["gmacs_run"] + (r.get("gmacs_padding") or 0.0) for r in rs)
         dense = sum(r["gmacs_dense"] for r in rs)
         model_s = sum(r["model_s"] for r in rs)
         rate = run / model_s if model_s > 0 else 0.0
@@ -128,7 +130,8 @@ def _estimate(rows: list[dict[str, Any]], resources: dict[str, Any]) -> dict[str
         devices.append(entry)
     return {"gpu_hours_saved_est": gpu_hours, "cpu_hours_saved_est": cpu_hours,
             "per_device": devices,
-            "how": "saved GMACs (dense - run) / measured GMACs run per model-second, per "
+            "how": "saved GMACs (dense - run - padding) / measured GMACs executed (run + "
+                   "padding) per model-second, per "
                    "device, times the GPUs (CPUs) per actor; assumes model time scales with "
                    "MACs at the pruned run's rate (an upper bound on time saved)"}
 
@@ -318,6 +321,9 @@ def render_html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
             ("gmacs_run", "GMACs run"), ("savings", "savings"),
             ("savings_after_first_frames", "savings after first frames"),
             ("model_s", "model s"), ("decode_s", "decode s")]
+    if any(s["totals"].get("gmacs_padding") for s in outs):  # ragged streams side by side
+        keys[8:8] = [("gmacs_padding", "GMACs on padding"),
+                     ("savings_with_padding", "savings with padding")]
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(s['label'])}<br>"
                                      f"<small>{html.escape(s['uri'])}</small></th>"
                                      for s in outs) + "</tr>"

@@ -79,6 +79,9 @@ _COST = (
     ("gmacs_dense", pa.float64()),        # the same model run densely on the same frames
     ("gmacs_run", pa.float64()),          # backbone + method overhead actually executed
     ("gmacs_overhead", pa.float64()),     # the method's own share of gmacs_run
+    ("gmacs_padding", pa.float64(), True),  # run on padding rows of ragged lockstep batches,
+                                          # not in gmacs_run; null in outputs written before
+                                          # vidprune reported it
     ("gmacs_dense_first", pa.float64()),  # the first frame (or clip) of each segment
     ("gmacs_run_first", pa.float64()),
     ("tokens_dense", pa.float64()),

@@ -30,10 +30,10 @@ def manifest_rows(videos, segment_frames, fps=None, frame_stride=1):
     return build_manifest(probes, segment_frames, "fp", fps, frame_stride).to_pylist()
 
 
-def actor(model, out, task, decode=None, top_k=5):
+def actor(model, out, task, decode=None, top_k=5, method="none", params=None):
     return AnnotatorActor(
         model={**model, "score_threshold": 0.0, "dtype": "float32", "top_k": top_k},
-        method="none", params={}, decode=decode or {"fps": None, "frame_stride": 1},
+        method=method, params=params or {}, decode=decode or {"fps": None, "frame_stride": 1},
         input_fs=LOCAL, writer=SegmentWriter(Location.open(str(out)), task),
         job={"job_id": "job-1", "fingerprint": "fp"}, cpus=1)
 
@@ -91,6 +91,30 @@ def test_lockstep_segments_match_segments_run_alone(tiny_detector, video_factory
     assert gen["x1"].max() <= 64 and gen["y1"].max() <= 48 and gen["x0"].min() >= 0
     marker = pq.read_table(tmp_path / "together" / "segments" / f"{rows[0]['segment_id']}.parquet")
     assert marker.schema == SEGMENTS and marker.num_rows == 1
+
+
+def test_work_on_the_padding_of_ragged_lockstep_streams_is_reported_apart(
+        tiny_detector, video_factory, tmp_path, sample_videos):
+    """Eventful's threshold policy selects a different number of tokens in each stream; run
+    side by side, the shorter selections are padded, and that work (executed, but not the
+    stream's method's) is reported as gmacs_padding, outside gmacs_run, which stays what the
+    segment costs alone."""
+    videos = [video_factory(tmp_path / "gen.mp4", 12), sample_videos / "mma_test.mp4"]
+    rows = [manifest_rows([v], segment_frames=12)[0] for v in videos]
+    params = {"policy": "threshold", "threshold": 0.5}
+    together = actor(tiny_detector, tmp_path / "together", "detection", method="eventful",
+                     params=params).process(rows)
+    one = actor(tiny_detector, tmp_path / "alone", "detection", method="eventful",
+                params=params)
+    alone = [one.process([row])[0] for row in rows]
+    assert sum(s["gmacs_padding"] for s in together) > 0
+    assert [s["gmacs_padding"] for s in alone] == [0.0, 0.0]
+    for a, b in zip(together, alone):
+        assert a["gmacs_run"] == pytest.approx(b["gmacs_run"])
+        assert a["gmacs_run"] < a["gmacs_dense"]
+    marker = pq.read_table(tmp_path / "together" / "segments" / f"{rows[0]['segment_id']}.parquet")
+    assert marker.schema == SEGMENTS
+    assert marker.column("gmacs_padding")[0].as_py() == together[0]["gmacs_padding"]
 
 
 def test_recognition_clips_carry_global_frames_and_times(tiny_recognizer, video_factory,

@@ -90,3 +90,70 @@ def test_report_of_a_dense_and_a_pruned_run(ray_session, tiny_detector, video_fa
 
     assert main(["report", str(tmp_path / "videos")]) == 2
     assert "not a vidprune output" in capsys.readouterr().err
+
+
+def test_work_on_padding_counts_as_executed_and_older_outputs_read_as_none():
+    """Ragged streams run side by side leave work on padding rows (``gmacs_padding``): it is
+    not saved and it ran, so the totals give savings with it and the estimate's measured rate
+    includes it; segments written before the column existed read as null and add nothing."""
+    import pyarrow as pa
+
+    from pipeline.report import _estimate, render_html
+    from pipeline.results import format_summary, totals
+
+    videos = pa.table({"status": ["ok", "ok"], "gmacs_dense": [100.0, 50.0],
+                       "gmacs_run": [40.0, 20.0], "gmacs_padding": [6.0, None],
+                       "frames_decoded": [10, 5], "duration_s": [1.0, 0.5],
+                       "decode_s": [1.0, 1.0], "model_s": [2.0, 1.0]})
+    t = totals(videos)
+    assert t["gmacs_padding"] == 6.0
+    assert t["savings"] == pytest.approx(1 - 60 / 150)
+    assert t["savings_with_padding"] == pytest.approx(1 - 66 / 150)
+    printed = format_summary(t, 3.0, "/out")
+    assert "GMACs pad" in printed and f"{100 * (1 - 66 / 150):.1f}%" in printed
+    assert "GMACs pad" not in format_summary({**t, "gmacs_padding": 0.0}, 3.0, "/out")
+
+    rows = [{"device": "cpu", "gmacs_dense": 100.0, "gmacs_run": 40.0, "gmacs_padding": 6.0,
+             "model_s": 2.0},
+            {"device": "cpu", "gmacs_dense": 50.0, "gmacs_run": 20.0, "gmacs_padding": None,
+             "model_s": 1.0}]
+    (cpu,) = _estimate(rows, {"cpus_per_actor": 1})["per_device"]
+    assert cpu["gmacs_per_model_s"] == pytest.approx(66 / 3)
+    assert cpu["actor_hours_saved_est"] == pytest.approx((150 - 66) / (66 / 3) / 3600)
+
+    estimate = _estimate(rows, {"cpus_per_actor": 1})
+    output = {"label": "a", "uri": "/out", "params": {}, "segments": {"total": 2, "complete": 2},
+              "totals": {**t, "savings_after_first_frames": 0.0}, "estimate": estimate,
+              "savings_per_video": {"count": 0}, "runs": [], "per_model_method": [],
+              "per_node": [], "per_actor": [], "failures": []}
+    page = render_html({"generated_at": "now", "outputs": [output]}, {})
+    assert "GMACs on padding" in page and "savings with padding" in page
+    output["totals"] = {**output["totals"], "gmacs_padding": 0.0}
+    assert "GMACs on padding" not in render_html({"generated_at": "now", "outputs": [output]}, {})
+
+
+def test_segments_written_before_gmacs_padding_existed_read_with_it_null(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+
+    from pipeline.outputs import read_segments
+    from pipeline.schemas import SEGMENTS
+    from pipeline.storage import Location
+
+    older = pa.schema([f for f in SEGMENTS if f.name != "gmacs_padding"])
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def value(field):
+        if pa.types.is_integer(field.type):
+            return 1
+        if pa.types.is_floating(field.type):
+            return 1.0
+        return now if pa.types.is_timestamp(field.type) else "x"
+
+    (tmp_path / "segments").mkdir()
+    pq.write_table(pa.Table.from_pylist([{f.name: value(f) for f in older}], schema=older),
+                   tmp_path / "segments" / "old.parquet")
+    table = read_segments(Location.open(str(tmp_path)))
+    assert table.schema == SEGMENTS
+    assert table.column("gmacs_padding").to_pylist() == [None]
