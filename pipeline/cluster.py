@@ -92,6 +92,14 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def node_resource(name: str) -> list[float]:
+    """Ray's resource ``name`` (``CPU``, ``GPU``) of each alive node."""
+    import ray
+
+    return [float(n.get("Resources", {}).get(name, 0.0)) for n in ray.nodes()
+            if n.get("Alive")]
+
+
 def node_memory_bytes() -> list[float]:
     """Ray's ``memory`` resource of each alive node (what actors' ``memory=`` draws on)."""
     import ray

@@ -338,6 +338,16 @@ def run_job(spec: Any, address: str | None = None, log: Log = _stderr) -> JobRes
         if spec.resources.gpus_per_actor > 0 and cluster.cluster_gpus() == 0:
             raise JobRefused("the Ray cluster has no GPUs; set resources.gpus_per_actor=0 "
                              "to run on CPUs", "resources.gpus_per_actor")
+        # an actor no node can hold would wait for one forever (Ray only logs it)
+        for key, resource, noun in (("cpus_per_actor", "CPU", "CPUs"),
+                                    ("gpus_per_actor", "GPU", "GPUs")):
+            wanted = getattr(spec.resources, key)
+            largest = max(cluster.node_resource(resource), default=0.0)
+            if wanted > largest > 0:  # (none at all: an autoscaler's empty head, say)
+                raise JobRefused(f"{wanted:g} {noun} per actor, but the largest node of the "
+                                 f"Ray cluster has {largest:g} {noun}; lower "
+                                 f"resources.{key}, or start a larger node first",
+                                 f"resources.{key}")
         wanted = spec.resources.memory_per_actor_gib
         largest = max(cluster.node_memory_bytes(), default=0.0)
         if wanted and largest and wanted * 2 ** 30 > largest:

@@ -201,6 +201,19 @@ def test_outputs_that_are_not_vidprune_outputs_are_never_touched(tmp_path, tiny_
     assert os.listdir(out) == ["thesis.tex"]
 
 
+def test_actors_no_node_can_hold_are_refused_before_anything_is_written(
+        ray_session, tmp_path, tiny_detector, sample_videos, capsys):
+    """Ray would wait forever for a node with that many CPUs (or GPUs): refused, exit 2."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
+                      model=tiny_detector, pruning={"method": "none"}, output={"uri": str(out)})
+    cpus = max(n["Resources"].get("CPU", 0) for n in ray_session.nodes() if n["Alive"])
+    assert main(["run", spec, "--set", f"resources.cpus_per_actor={cpus + 1:g}"]) == 2
+    err = capsys.readouterr().err
+    assert "resources.cpus_per_actor" in err and f"{cpus:g} CPUs" in err
+    assert not out.exists()
+
+
 def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
