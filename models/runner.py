@@ -83,13 +83,13 @@ class StreamRunner:
     def __init__(self, model: nn.Module, method: Method, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, score_threshold: float = 0.3,
                  input_size: int | None = None):
-        method.check(model)
+        self.input_size = int(input_size or getattr(model, "input_size", 224))
+        method.check(model, self.input_size)
         self.model = model.eval().to(device=device, dtype=dtype)
         self.method = method
         self.device = torch.device(device)
         self.dtype = dtype
         self.score_threshold = score_threshold
-        self.input_size = int(input_size or getattr(model, "input_size", 224))
         self.task = model.task
         self.kind = model.kind
         self.clip_frames = getattr(model, "clip_frames", 0)

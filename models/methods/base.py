@@ -100,8 +100,9 @@ class Method:
         """The parameters as plain values (recorded with every output row)."""
         return dataclasses.asdict(self.params)
 
-    def check(self, model: torch.nn.Module) -> None:
-        """Raise :class:`MethodError` if this method cannot run on ``model``."""
+    def check(self, model: torch.nn.Module, input_size: int | None = None) -> None:
+        """Raise :class:`MethodError` if this method cannot run on ``model`` at the square
+        input size ``input_size`` (default: the model's own)."""
         if model.kind not in self.kinds:
             raise MethodError(
                 f"method {self.name!r} runs on {'/'.join(sorted(self.kinds))} models; "

@@ -303,9 +303,16 @@ class Rollout(Method):
             if problems:
                 raise MethodError("rollout: " + "; ".join(problems))
 
-    def check(self, model: torch.nn.Module) -> None:
-        super().check(model)
+    def check(self, model: torch.nn.Module, input_size: int | None = None) -> None:
+        super().check(model, input_size)
         backbone = model.backbone
+        size = input_size or getattr(model, "input_size", None)
+        if size:  # a square input: the grid the budget is taken from
+            n = (size // backbone.patch) ** 2
+            if self.params.k > n:
+                raise MethodError(f"rollout: k={self.params.k} exceeds the {n} tokens of a "
+                                  f"{size // backbone.patch}x{size // backbone.patch} grid "
+                                  f"(input size {size})")
         if model.task == "recognition":
             if not backbone.prefix:
                 raise MethodError("rollout's recognizer variant reads the class token; "

@@ -179,8 +179,8 @@ class STA(Method):
                 raise MethodError(f"sta: first_transition must be 'kept' (paper) or 'all' "
                                   f"(authors' code), got {self.first_transition!r}")
 
-    def check(self, model: torch.nn.Module) -> None:
-        super().check(model)
+    def check(self, model: torch.nn.Module, input_size: int | None = None) -> None:
+        super().check(model, input_size)
         backbone = model.backbone
         if backbone.prefix or any(backbone.windows) or not backbone.tubelet \
                 or backbone.blocks[0].attn.use_rel_pos:
@@ -189,7 +189,7 @@ class STA(Method):
         if backbone.depth < 3:
             raise MethodError(f"sta needs at least 3 blocks, the model has {backbone.depth}")
         slices = model.clip_frames // backbone.tubelet
-        grid = getattr(model, "input_size", 224) // backbone.patch
+        grid = (input_size or getattr(model, "input_size", 224)) // backbone.patch
         self._check_sizes(slices, grid * grid)
 
     def _check_sizes(self, slices: int, tokens_per_slice: int) -> None:

@@ -290,8 +290,8 @@ class SViT(Method):
     class Params:
         pass
 
-    def check(self, model: nn.Module) -> None:
-        super().check(model)
+    def check(self, model: nn.Module, input_size: int | None = None) -> None:
+        super().check(model, input_size)
         if gates_of(model.backbone) is None:
             raise MethodError(
                 "svit needs a model with trained gates (a zoo entry '<model>-svit', or "

@@ -214,6 +214,22 @@ def test_actors_no_node_can_hold_are_refused_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("model, pruning, error", [
+    # STA's r for the clip's token groups at the input size the job runs, not the model's own
+    ({"name": "videomae-synth", "input_size": 32}, {"method": "sta"},
+     "sta: r = 24 is too large for groups of 4 tokens"),
+    ("tiny_detector", {"method": "rollout", "k": 64}, "k=64 exceeds the 16 tokens"),
+])
+def test_a_method_that_cannot_run_at_the_jobs_input_size_is_refused(
+        model, pruning, error, request, tmp_path, sample_videos, capsys):
+    if isinstance(model, str):
+        model = request.getfixturevalue(model)
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)}, model=model,
+                      pruning=pruning, output={"uri": str(tmp_path / "out")})
+    assert main(["run", spec, "--dry-run"]) == 2
+    assert error in capsys.readouterr().err
+
+
 def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
