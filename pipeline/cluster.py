@@ -54,9 +54,9 @@ def _init(address: str | None) -> None:
     if inside_submitted_job():
         ray.init(address=address or "auto", configure_logging=False)
     elif address:
-        import importlib
-
-        modules = [importlib.import_module(name) for name in PACKAGES]
+        # the packages' folders, not module objects: Ray Client copies the runtime env, and
+        # a module object cannot be copied (every ray:// run failed on it)
+        modules = [str(PROJECT_ROOT / name) for name in PACKAGES]
         ray.init(address=address, runtime_env={"py_modules": modules},
                  configure_logging=False)
     else:

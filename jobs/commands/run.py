@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from typing import Any
@@ -27,8 +28,9 @@ def add_job_options(p) -> None:
                    help="override a spec key, e.g. --set pruning.method=none "
                         "--set resources.actors=4 (values are YAML)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster to run on (default: $RAY_ADDRESS, else Ray starts in "
-                        "this process)")
+                   help="Ray cluster to run on, HOST:PORT of its head, from a machine of the "
+                        "cluster (default: $RAY_ADDRESS, else Ray starts in this process); "
+                        "Ray Client (ray://) is refused: use vidprune submit")
     p.add_argument("--dry-run", action="store_true",
                    help="check the spec, the model, the input and the output; write nothing")
 
@@ -67,6 +69,13 @@ def run_spec(spec: Any, notes: list[str] = (), address: str | None = None,
 
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    if target.startswith("ray://"):
+        raise UserError(
+            f"--address {target}: Ray Client cannot run a job's Ray Data pipeline (its "
+            "executor needs a driver inside the cluster, which a ray:// connection is not); "
+            "submit the job instead: vidprune submit SPEC --address http://HEAD:8265, or run "
+            "vidprune run on a machine of the cluster with --address HEAD:6379")
     try:
         if dry_run:
             plan = plan_job(spec)

@@ -86,6 +86,7 @@ class LocalCluster:
     root: Path
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
+    client_port: int = field(default_factory=free_port)   # Ray Client (ray://)
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -118,7 +119,7 @@ class LocalCluster:
         head = self._start("head", [
             "--head", "--port", str(self.gcs_port), "--num-cpus", str(num_cpus),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port())])
+            "--ray-client-server-port", str(self.client_port)])
         self._wait_for_nodes(1, head)
         return head
 

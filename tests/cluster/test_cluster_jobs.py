@@ -219,6 +219,43 @@ def test_submit_stop_kill_the_driver_and_resume_on_s3(cluster, s3, tiny_detector
     assert secret.encode() not in everything
 
 
+def test_run_with_the_clusters_address_ships_the_project(cluster, tiny_detector,
+                                                         video_factory, tmp_path):
+    """`vidprune run --address HEAD:PORT` (CLUSTER.md): the driver runs here, the packages
+    travel to the cluster with the job, and the outputs are complete. A Ray Client address
+    (ray://) is refused at once with what to do instead: Ray Data's executor fails there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .cluster import node_env
+
+    videos = tmp_path / "videos"
+    for i in range(2):
+        video_factory(videos / f"v{i}.mp4", 16)
+    out = tmp_path / "out"
+    spec = tmp_path / "client.yaml"
+    spec.write_text(yaml.safe_dump({
+        "input": {"uri": str(videos)}, "model": tiny_detector,
+        "pruning": {"method": "eventful", "r": 4}, "decode": {"segment_frames": 8},
+        "resources": {"actors": 1}, "output": {"uri": str(out)}}))
+    cli = Path(sys.executable).with_name("vidprune")
+
+    def run(address):
+        return subprocess.run([str(cli), "run", str(spec), "--address", address],
+                              env=node_env(), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+
+    refused = run(f"ray://127.0.0.1:{cluster.client_port}")
+    assert refused.returncode == 2 and "vidprune submit" in refused.stderr
+    assert "Traceback" not in refused.stderr and not out.exists()
+    done = run(f"127.0.0.1:{cluster.gcs_port}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    segments = pq.read_table(out / "segments").to_pylist()
+    assert len(segments) == 4 and all(s["status"] == "ok" for s in segments)
+    assert json.loads((out / "job.json").read_text())["status"] == "finished"
+
+
 def test_a_worker_node_lost_mid_job(cluster, tiny_detector, video_factory, tmp_path, capsys):
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors

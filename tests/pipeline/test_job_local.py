@@ -230,6 +230,19 @@ def test_a_method_that_cannot_run_at_the_jobs_input_size_is_refused(
     assert error in capsys.readouterr().err
 
 
+def test_a_ray_client_address_is_refused_with_what_to_do(tmp_path, tiny_detector,
+                                                        sample_videos, capsys, monkeypatch):
+    """Ray Data's executor fails through Ray Client (the cluster test shows it): RAY_ADDRESS
+    or --address ray://... is refused before anything starts."""
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
+                      model=tiny_detector, pruning={"method": "none"},
+                      output={"uri": str(tmp_path / "out")})
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    assert main(["run", spec]) == 2
+    assert "vidprune submit" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
