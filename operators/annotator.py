@@ -113,13 +113,17 @@ class AnnotatorActor:
     the fsspec filesystem of the videos; ``checkpoint_fs``: the one of the checkpoint (None:
     a local path); ``writer``: an object with ``write(segment_id, annotation_columns,
     stats_row)``; ``job``: ``job_id`` and ``fingerprint``; ``cpus``: the CPUs reserved for
-    the actor (torch's thread count).
+    the actor (torch's thread count); ``progress``: the job's frame counter
+    (``operators/progress.py``; None: no live count) and how often to report to it.
     """
 
     def __init__(self, model: dict[str, Any], method: str, params: dict[str, Any],
                  decode: dict[str, Any], input_fs: Any, writer: Any, job: dict[str, Any],
-                 checkpoint_fs: Any = None, use_gpu: bool = False, cpus: float | None = None):
+                 checkpoint_fs: Any = None, use_gpu: bool = False, cpus: float | None = None,
+                 progress: Any = None, progress_every_s: float = 2.0):
         import torch
+
+        from .progress import FrameReporter
 
         if cpus:
             # As many intra-op threads as CPUs reserved: more only contend (a tiny model ran
@@ -146,6 +150,7 @@ class AnnotatorActor:
         from .metrics import JobMetrics
 
         self.metrics = JobMetrics(job.get("name", "-"), model_label(model), method)
+        self.progress = FrameReporter(progress, progress_every_s)
 
     # -- Ray Data entry point -------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,7 +172,10 @@ class AnnotatorActor:
                                      size_bytes=int(row["size_bytes"]), **self.decoder_options)
             streams.append(_Stream(row, decoder, started,
                                    columns={c: [] for c in self._annotation_columns()}))
-        self._run(streams)
+        try:
+            self._run(streams)
+        finally:
+            self.progress.flush()
         out = []
         for s in streams:
             stats = self._stats(s)
@@ -211,6 +219,7 @@ class AnnotatorActor:
                     s.finished_at = _now()
                 return
             share = (time.perf_counter() - t0) / len(live)
+            self.progress.add(len(live))
             for s, f, out in zip(live, frames, outs):
                 s.model_s += share
                 s.steps.append((f.index, f.timestamp_s))

@@ -25,6 +25,7 @@ import os
 import platform
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,6 +83,7 @@ class Plan:
     videos: list[VideoObject]
     previous: dict[str, Any] | None  # the output's job.json (resume)
     model_size: Any = None           # memory.ModelSize: what the actors' memory depends on
+    progress_every_s: float = 5.0    # progress lines at most this often
 
 
 @dataclass
@@ -284,12 +286,21 @@ def versions() -> dict[str, str]:
 
 
 class Progress:
-    """Videos done / total, frames and running savings, printed as segments finish."""
+    """Videos done / total, frames and running savings, printed as segments finish and, while
+    segments run, every ``every_s`` seconds in which frames were run (``tick``). ``live``:
+    frames run so far by the actors, unfinished segments included (``operators/progress.py``;
+    None or failing: the frames of finished segments)."""
+
+    #: With nothing moving, a line at least this often (the job is alive).
+    QUIET_S = 60.0
 
     def __init__(self, manifest: pa.Table, pending_ids: set[str], log: Log,
-                 every_s: float = 5.0):
+                 every_s: float = 5.0, live: Callable[[], int] | None = None):
         self.log = log
         self.every_s = every_s
+        self.live = live
+        self._lock = threading.Lock()
+        self.printed_frames = -1
         self.left: dict[str, int] = {}
         videos = set()
         for row in manifest.select(["video_id", "segment_id"]).to_pylist():
@@ -305,6 +316,29 @@ class Progress:
         self.last = 0.0
 
     def update(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._update(row)
+
+    def tick(self) -> None:
+        """A line if ``every_s`` passed since the last and frames were run meanwhile (or
+        ``QUIET_S`` passed)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self.last < self.every_s:
+                return
+            if self._frames() == self.printed_frames and now - self.last < self.QUIET_S:
+                return
+            self._print(now)
+
+    def _frames(self) -> int:
+        if self.live is not None:
+            try:
+                return max(self.frames, int(self.live()))
+            except Exception:  # noqa: BLE001 - a lost counter: finished segments only
+                self.live = None
+        return self.frames
+
+    def _update(self, row: dict[str, Any]) -> None:
         self.frames += int(row["frames_decoded"])
         self.dense += float(row["gmacs_dense"])
         self.run += float(row["gmacs_run"])
@@ -317,11 +351,44 @@ class Progress:
                 self.done += 1
         now = time.monotonic()
         if now - self.last >= self.every_s or not self.left:
-            self.last = now
-            saved = 100 * (1 - self.run / self.dense) if self.dense else 0.0
-            self.log(f"progress: {self.done}/{self.total} videos · {self.frames:,d} frames · "
-                     f"savings {saved:.1f}% · {self.errors} segment(s) with errors · "
-                     f"{now - self.t0:.0f} s")
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        self.last = now
+        frames = self.printed_frames = self._frames()
+        saved = 100 * (1 - self.run / self.dense) if self.dense else 0.0
+        self.log(f"progress: {self.done}/{self.total} videos · {frames:,d} frames · "
+                 f"savings {saved:.1f}% · {self.errors} segment(s) with errors · "
+                 f"{now - self.t0:.0f} s")
+
+
+def _frame_counter() -> Any:
+    """The job's live frame counter (``operators/progress.py``), or None outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from operators.progress import FrameCounter
+
+    return ray.remote(num_cpus=0)(FrameCounter).remote()
+
+
+def _reader(counter: Any) -> Callable[[], int] | None:
+    if counter is None:
+        return None
+    import ray
+
+    return lambda: ray.get(counter.get.remote(), timeout=5)
+
+
+def _kill(counter: Any) -> None:
+    if counter is not None:
+        import ray
+
+        try:
+            ray.kill(counter)
+        except Exception:  # noqa: BLE001 - gone already with its cluster
+            pass
 
 
 def _write_job_file(plan: Plan, doc: dict[str, Any]) -> None:
@@ -424,8 +491,11 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
 
     processed: list[str] = []
     error: BaseException | None = None
-    progress = Progress(manifest, set(pending.column("segment_id").to_pylist()), log)
+    counter = _frame_counter()
+    progress = Progress(manifest, set(pending.column("segment_id").to_pylist()), log,
+                        every_s=plan.progress_every_s, live=_reader(counter))
     actor_kwargs = {
+        "progress": counter, "progress_every_s": min(2.0, plan.progress_every_s),
         "model": plan.model, "method": plan.method, "params": plan.params,
         "decode": {"fps": spec.decode.fps, "frame_stride": spec.decode.frame_stride,
                    "timeout_s": spec.decode.timeout_s, "retries": spec.decode.retries,
@@ -442,6 +512,14 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     from operators.metrics import JobMetrics
 
     metrics = JobMetrics(spec.name, plan.model_label, plan.method)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(plan.progress_every_s):
+            progress.tick()
+
+    ticker = threading.Thread(target=tick, name="vidprune-progress", daemon=True)
+    ticker.start()
     try:
         for row in run_segments(pending, actor_kwargs, Resources(
                 actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor,
@@ -453,6 +531,10 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
             lock.ensure()
     except BaseException as exc:  # recorded in job.json, then raised again below
         error = exc
+    finally:
+        stop.set()
+        ticker.join()
+        _kill(counter)
     if isinstance(error, LockLost):  # the output is another job's now: write nothing more
         raise error
 

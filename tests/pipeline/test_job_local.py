@@ -278,3 +278,28 @@ def test_recognition_outputs_of_the_earlier_annotation_format_are_not_resumed(tm
     assert _check_output(spec, Location.open(str(tmp_path)), fingerprint(before), before)
     detection = _fingerprint_inputs(spec, {**model, "task": "detection"}, "none", {}, None)
     assert "annotation_format" not in detection
+
+
+def test_progress_lines_count_the_frames_of_segments_still_running(
+        ray_session, tmp_path, tiny_detector, video_factory):
+    """One long segment: lines with its frames come while it runs, not only when it ends."""
+    import re
+
+    from jobs.spec import load_spec
+    from pipeline.job import execute, plan_job
+
+    video_factory(tmp_path / "videos" / "long.mp4", 240)
+    spec_path = write_spec(tmp_path / "job.yaml", input={"uri": str(tmp_path / "videos")},
+                           model=tiny_detector, pruning={"method": "none"},
+                           decode={"segment_frames": 4096},
+                           output={"uri": str(tmp_path / "out")})
+    spec, _ = load_spec(spec_path, [])
+    plan = plan_job(spec)
+    plan.progress_every_s = 0.2
+    lines: list[str] = []
+    result = execute(plan, lines.append)
+    assert result.status == "finished" and result.totals["frames_decoded"] == 240
+    running = [int(m.group(1).replace(",", "")) for line in lines
+               if (m := re.match(r"progress: 0/1 videos · ([\d,]+) frames", line))]
+    assert running and 0 < max(running) <= 240, lines
+    assert any(line.startswith("progress: 1/1 videos · 240 frames") for line in lines), lines
