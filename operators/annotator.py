@@ -298,10 +298,11 @@ class AnnotatorActor:
         expected = len(d.indices)
         if error is None and d.frames_decoded < expected:  # defensive: never claim "ok"
             error = f"decoded {d.frames_decoded} of {expected} frames"
-        status = "ok" if error is None else ("partial" if d.frames_decoded else "error")
+        # the frames the model ran (after a model error, fewer than were decoded)
+        decoded = [i for i, _ in s.steps]
+        status = "ok" if error is None else ("partial" if decoded else "error")
         finished = s.finished_at or _now()
         row = s.row
-        decoded = [i for i, _ in s.steps]
         first_dense, first_run = s.first_cost or (0.0, 0.0)
         return {
             "segment_id": row["segment_id"], "video_id": row["video_id"], "uri": row["uri"],
@@ -309,7 +310,7 @@ class AnnotatorActor:
             "segments_total": int(row["segments_total"]),
             "start_frame": int(row["start_frame"]), "end_frame": int(row["end_frame"]),
             "status": status, "error": error,
-            "frames_expected": expected, "frames_decoded": int(d.frames_decoded),
+            "frames_expected": expected, "frames_decoded": len(decoded),
             "first_frame": decoded[0] if decoded else None,
             "last_frame": decoded[-1] if decoded else None,
             "annotations": len(s.columns["video_id"]),

@@ -93,6 +93,28 @@ def test_lockstep_segments_match_segments_run_alone(tiny_detector, video_factory
     assert marker.schema == SEGMENTS and marker.num_rows == 1
 
 
+@pytest.mark.parametrize("fails_at, status", [(3, "partial"), (1, "error")])
+def test_frames_count_what_the_model_ran_when_it_fails(tiny_detector, video_factory, tmp_path,
+                                                       fails_at, status):
+    """A model error ends the segment: frames_decoded counts the frames the model ran (not
+    the one it failed on), and a segment where it ran none is an error, not partial."""
+    rows = manifest_rows([video_factory(tmp_path / "v.mp4", 9)], segment_frames=64)
+    one = actor(tiny_detector, tmp_path / "out", "detection")
+    step, calls = one.runner.step, []
+
+    def failing(frames, state):
+        calls.append(1)
+        if len(calls) == fails_at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return step(frames, state)
+
+    one.runner.step = failing
+    (stats,) = one.process(rows)
+    assert stats["status"] == status and stats["error"].startswith("model error")
+    assert stats["frames_decoded"] == fails_at - 1
+    assert stats["last_frame"] == (fails_at - 2 if fails_at > 1 else None)
+
+
 def test_work_on_the_padding_of_ragged_lockstep_streams_is_reported_apart(
         tiny_detector, video_factory, tmp_path, sample_videos):
     """Eventful's threshold policy selects a different number of tokens in each stream; run
