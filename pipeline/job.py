@@ -540,6 +540,10 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
 
     complete = sorted(completed_segments(out) & ids)
     segments = read_segments(out, complete)
+    # what this run completed: also segments whose rows had not reached the driver when it
+    # stopped (an interrupt), which ``processed`` misses
+    processed = sorted(r["segment_id"] for r in segments.select(["segment_id", "job_id"])
+                       .to_pylist() if r["job_id"] == plan.job_id)
     job_info = {"task": plan.task, "model": plan.model_label, "method": plan.method,
                 "params": json.dumps(plan.params, sort_keys=True, default=str),
                 "job_id": plan.job_id}

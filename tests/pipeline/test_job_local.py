@@ -303,3 +303,37 @@ def test_progress_lines_count_the_frames_of_segments_still_running(
                if (m := re.match(r"progress: 0/1 videos · ([\d,]+) frames", line))]
     assert running and 0 < max(running) <= 240, lines
     assert any(line.startswith("progress: 1/1 videos · 240 frames") for line in lines), lines
+
+
+def test_an_interrupted_run_records_every_segment_it_completed(
+        ray_session, tmp_path, tiny_detector, video_factory):
+    """Ctrl-C after the first finished segment: job.json says interrupted, and its count of
+    segments run is the segments this run wrote (some may finish after the interrupt)."""
+    import threading
+
+    from jobs.spec import load_spec
+    from pipeline.job import execute, plan_job
+
+    for i in range(2):
+        video_factory(tmp_path / "videos" / f"v{i}.mp4", 24)
+    spec_path = write_spec(tmp_path / "job.yaml", input={"uri": str(tmp_path / "videos")},
+                           model=tiny_detector, pruning={"method": "none"},
+                           decode={"segment_frames": 8}, resources={"actors": 2},
+                           output={"uri": str(tmp_path / "out")})
+    spec, _ = load_spec(spec_path, [])
+    plan = plan_job(spec)
+    pressed = []
+
+    def log(line):
+        main = threading.current_thread() is threading.main_thread()
+        if line.startswith("progress:") and not pressed and main:
+            pressed.append(line)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(plan, log)
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["status"] == "interrupted"
+    segments = read(tmp_path / "out" / "segments").to_pylist()
+    mine = [s for s in segments if s["job_id"] == job["job_id"]]
+    assert 1 <= len(mine) <= 6 and job["segments"]["run"] == len(mine)
