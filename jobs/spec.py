@@ -365,6 +365,9 @@ def validate_method_params(method: str, params: dict[str, Any]) -> dict[str, Any
     except ValidationError as exc:
         for e in exc.errors():
             loc = tuple(e["loc"])
+            if not loc:  # a value the method's checks refuse: at the key its message names
+                word = str(e.get("ctx", {}).get("error", "")).split(" ", 1)[0].rstrip(":")
+                loc = (word,) if word in fields else ()
             errors.append(InitErrorDetails(
                 type=PydanticCustomError("method_parameter", e["msg"]), loc=loc,
                 input=e.get("input")))
@@ -394,7 +397,11 @@ def parse_overrides(items: list[str] | None) -> list[tuple[list[str], Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise UserError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise UserError(
+                f"--set {item!r}: the value is not valid YAML ({problem}); a value that starts "
+                f"with a YAML character (* & ! | > % @ ` [ {{) is text only in quotes, e.g. "
+                f"--set '{key}=\"{raw.strip()}\"' (or a list: '{key}=[\"...\"]')") from None
         out.append((key.split("."), value))
     return out
 

@@ -150,8 +150,8 @@ def test_method_parameters_are_checked_against_the_method(base):
     assert "'top_r' or 'threshold'" in got["pruning.policy"]
     assert got["pruning.window"] == ("unknown parameter of method 'gates'; its parameters: "
                                      "policy, r, threshold")
-    base["pruning"] = {"method": "gates", "r": 0}
-    assert "r must be at least 1" in problems(base)["pruning"]
+    base["pruning"] = {"method": "gates", "r": 0}  # the method's own check, at its key
+    assert "r must be at least 1" in problems(base)["pruning.r"]
     base["pruning"] = {"method": "magic"}
     assert f"available: {', '.join(sorted(METHODS))}" in problems(base)["pruning.method"]
     base["pruning"] = {"method": "none", "r": 4}
@@ -177,6 +177,8 @@ def test_set_overrides(base):
     for bad in ("resources.actors", "=4", "a..b=1", "x=[1, 2"):
         with pytest.raises(UserError, match="--set"):
             load_spec(None, [bad], base=base)
+    with pytest.raises(UserError, match=r"""in quotes, e.g. --set 'input.patterns="\*.mp4"'"""):
+        load_spec(None, ["input.patterns=*.mp4"], base=base)  # YAML reads * as an alias
 
 
 def test_credentials_never_go_in_the_spec(base):
