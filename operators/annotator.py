@@ -53,7 +53,14 @@ def load_model(model: dict[str, Any], checkpoint_fs: Any = None):
                 load_into(net, f, name=checkpoint)
         net.eval()
     if model.get("clip_frames"):
-        net.clip_frames = int(model["clip_frames"])
+        frames = int(model["clip_frames"])
+        tubelet = int(getattr(net, "tubelet", 0) or getattr(net.backbone, "tubelet", 1))
+        if frames % tubelet:  # the model would drop the frames of the unfinished tubelet
+            raise ValueError(f"decode.clip_frames {frames} is not a multiple of the model's "
+                             f"tubelet ({tubelet} frames)")
+        net.clip_frames = frames
+        if hasattr(net, "clip_steps"):  # ViViT: its temporal model's steps follow
+            net.clip_steps = frames // tubelet
     return net
 
 

@@ -243,6 +243,18 @@ def test_a_ray_client_address_is_refused_with_what_to_do(tmp_path, tiny_detector
     assert not (tmp_path / "out").exists()
 
 
+def test_clip_frames_that_split_a_tubelet_are_refused(tmp_path, tiny_recognizer,
+                                                      sample_videos, capsys):
+    """VideoMAE steps by tubelets of 2 frames: a clip of 5 would run 4 and report 5."""
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
+                      model=tiny_recognizer, pruning={"method": "none"},
+                      decode={"clip_frames": 5}, output={"uri": str(tmp_path / "out")})
+    assert main(["run", spec, "--dry-run"]) == 2
+    assert "decode.clip_frames 5 is not a multiple of the model's tubelet (2 frames)" in \
+        capsys.readouterr().err
+    assert main(["run", spec, "--dry-run", "--set", "decode.clip_frames=6"]) == 0
+
+
 def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
