@@ -75,7 +75,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="vidprune-output/demo",
                    help="output folder (default: ./vidprune-output/demo; replaced on every "
                         "run)")
-    add_job_options(p)
+    add_job_options(p, dry_run_help="make the demo's input videos (the generated scenes, "
+                                     "once), then check the job as run --dry-run does; "
+                                     "write no output")
     p.set_defaults(func=main)
 
 

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
-def add_job_options(p) -> None:
+def add_job_options(p, dry_run_help: str = "check the spec, the model, the input and the "
+                                           "output; write nothing") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set pruning.method=none "
@@ -31,8 +32,7 @@ def add_job_options(p) -> None:
                    help="Ray cluster to run on, HOST:PORT of its head, from a machine of the "
                         "cluster (default: $RAY_ADDRESS, else Ray starts in this process); "
                         "Ray Client (ray://) is refused: use vidprune submit")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the spec, the model, the input and the output; write nothing")
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
 
 
 def main(args) -> int:
