@@ -554,7 +554,9 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
     status = "finished" if error is None else (
         "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
     doc.update({
-        "status": status, "error": None if error is None else _storage_message(error),
+        "status": status, "error": None if error is None else (
+            str(error) or "interrupted (SIGINT, Ctrl-C)" if isinstance(error, KeyboardInterrupt)
+            else _storage_message(error)),
         "finished_at": _now().isoformat(), "wall_s": wall_s, "totals": t,
         "segments": {"total": runnable.num_rows, "skipped": skipped,
                      "run": len(processed), "unreadable_videos": manifest.num_rows

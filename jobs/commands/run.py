@@ -50,7 +50,8 @@ def _sigterm_as_interrupt():
     import threading
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("stopped (SIGTERM: vidprune stop, Ray's job stop or the "
+                                "platform)")
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -140,7 +140,7 @@ def test_submit_stop_kill_the_driver_and_resume_on_s3(cluster, s3, tiny_detector
     assert "vidprune-nightly-1: STOPPED" in capsys.readouterr().out
     gone("vidprune-nightly-1")
     job1 = json.loads(fs.cat_file("runs/nightly/job.json"))
-    assert job1["status"] == "interrupted"
+    assert job1["status"] == "interrupted" and job1["error"].startswith("stopped (SIGTERM")
     stopped_at = len(markers())
 
     # Resubmitted, then its driver is killed mid-job.

@@ -345,7 +345,7 @@ def test_an_interrupted_run_records_every_segment_it_completed(
     with pytest.raises(KeyboardInterrupt):
         execute(plan, log)
     job = json.loads((tmp_path / "out" / "job.json").read_text())
-    assert job["status"] == "interrupted"
+    assert job["status"] == "interrupted" and job["error"] == "interrupted (SIGINT, Ctrl-C)"
     segments = read(tmp_path / "out" / "segments").to_pylist()
     mine = [s for s in segments if s["job_id"] == job["job_id"]]
     assert 1 <= len(mine) <= 6 and job["segments"]["run"] == len(mine)
