@@ -75,6 +75,25 @@ def load_output(location: Location) -> Output:
                   aggregate_videos(manifest, segments, info))
 
 
+def _job_status(output: Output) -> str:
+    """``job.json``'s status, except that a job it says is running whose output lock has no
+    live holder (its driver was killed: no heartbeat, or its process gone on this host) is
+    ``died``: its completed segments are kept, and running the same spec resumes it."""
+    status = output.job.get("status") or "unknown"
+    if status != "running":
+        return status
+    from .lock import OutputLock
+
+    lock = OutputLock(output.location, "")
+    try:
+        held = lock.holder()
+    except OSError:
+        return status
+    if held is None or held[1].job_id != output.job.get("job_id") or lock.stale(held[1]):
+        return "died"
+    return status
+
+
 # -- numbers ----------------------------------------------------------------------------------
 
 def _group(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -183,8 +202,9 @@ def summarize(output: Output) -> dict[str, Any]:
                 for v in videos if v["status"] != "ok"]
     return {
         "uri": output.location.uri, "label": output.label,
-        "job": {k: output.job.get(k) for k in ("name", "job_id", "status", "started_at",
-                                               "finished_at", "wall_s")},
+        "job": {**{k: output.job.get(k) for k in ("name", "job_id", "started_at",
+                                                  "finished_at", "wall_s")},
+                "status": _job_status(output)},
         "model": output.job.get("model"), "method": output.job.get("method"),
         "params": output.job.get("params") or {},
         "segments": {"total": runnable.num_rows, "complete": len(segs)},
@@ -315,6 +335,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def render_html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
     """One self-contained page: tables, and the plots embedded as data URIs."""
     outs = summary["outputs"]
+    rows = "<tr><th>job status</th>" + "".join(
+        f"<td>{html.escape(str(s.get('job', {}).get('status')))}</td>" for s in outs) + "</tr>"
     keys = [("videos", "videos"), ("videos_ok", "ok"), ("videos_partial", "partial"),
             ("videos_error", "error"), ("frames_decoded", "frames"),
             ("hours_of_video", "hours of video"), ("gmacs_dense", "GMACs dense"),
@@ -327,7 +349,7 @@ def render_html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(s['label'])}<br>"
                                      f"<small>{html.escape(s['uri'])}</small></th>"
                                      for s in outs) + "</tr>"
-    rows = "".join(f"<tr><th>{name}</th>" + "".join(f"<td>{_fmt(s['totals'][k])}</td>"
+    rows += "".join(f"<tr><th>{name}</th>" + "".join(f"<td>{_fmt(s['totals'][k])}</td>"
                                                     for s in outs) + "</tr>"
                    for k, name in keys)
     rows += "<tr><th>parameters</th>" + "".join(

@@ -91,6 +91,25 @@ def test_report_of_a_dense_and_a_pruned_run(ray_session, tiny_detector, video_fa
     assert main(["report", str(tmp_path / "videos")]) == 2
     assert "not a vidprune output" in capsys.readouterr().err
 
+    # A job whose job.json still says running: running while its output lock is held and
+    # fresh, died once no live driver holds it (killed: the lock is left behind, stale).
+    from pipeline.lock import OutputLock
+    from pipeline.report import load_output, summarize
+    from pipeline.storage import Location
+
+    job_file = pruned / "job.json"
+    job = json.loads(job_file.read_text())
+    assert s["job"]["status"] == "finished"
+    job_file.write_text(json.dumps({**job, "status": "running"}))
+    location = Location.open(str(pruned))
+    lock = OutputLock(location, job["job_id"], heartbeat_s=3600)
+    lock.acquire()
+    try:
+        assert summarize(load_output(location))["job"]["status"] == "running"
+    finally:
+        lock.release()
+    assert summarize(load_output(location))["job"]["status"] == "died"
+
 
 def test_work_on_padding_counts_as_executed_and_older_outputs_read_as_none():
     """Ragged streams run side by side leave work on padding rows (``gmacs_padding``): it is
