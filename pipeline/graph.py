@@ -50,6 +50,7 @@ def run_segments(pending: pa.Table, actor_kwargs: dict[str, Any], resources: Res
     # vidprune prints its own progress (videos, frames, savings); Ray Data's progress
     # bars would interleave a dozen lines per update with it on a terminal or in a log.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    _quiet_ray_data_console()
     k = max(1, int(resources.streams_per_actor))
     calls = math.ceil(pending.num_rows / k)
     size = max(1, min(int(resources.actors), calls))
@@ -70,6 +71,17 @@ def run_segments(pending: pa.Table, actor_kwargs: dict[str, Any], resources: Res
         n = len(batch["segment_id"])
         for i in range(n):
             yield {key: _plain(values[i]) for key, values in batch.items()}
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (execution plan, start, finish) and its note that progress bars
+    are off (vidprune turned them off) leave the console; its log files keep everything."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "stream", None) is not None and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: "Progress bars disabled" not in record.getMessage())
 
 
 def _plain(value: Any) -> Any:

@@ -300,7 +300,7 @@ class Progress:
         self.every_s = every_s
         self.live = live
         self._lock = threading.Lock()
-        self.printed_frames = -1
+        self.printed_frames = 0
         self.left: dict[str, int] = {}
         videos = set()
         for row in manifest.select(["video_id", "segment_id"]).to_pylist():
@@ -313,7 +313,7 @@ class Progress:
         self.dense = self.run = 0.0
         self.errors = 0
         self.t0 = time.monotonic()
-        self.last = 0.0
+        self.last = self.t0  # the first line when frames move, or after every_s
 
     def update(self, row: dict[str, Any]) -> None:
         with self._lock:
