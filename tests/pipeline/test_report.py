@@ -225,14 +225,12 @@ def test_a_report_to_a_read_only_s3_output_is_refused_with_what_to_do(s3, tmp_pa
     denies writes): the default report location is refused in one line that says to use
     --out; --out elsewhere then works."""
     from pipeline.storage import Location
+    from tests.faults import deny_writes
 
     out = Location.open("s3://runs/small", endpoint_url=s3.endpoint_url)
     out.fs.mkdir("runs")
     small_output(out)
-    out.fs.call_s3("put_bucket_policy", Bucket="runs", Policy=json.dumps({
-        "Version": "2012-10-17", "Statement": [{
-            "Effect": "Deny", "Principal": "*", "Action": ["s3:PutObject"],
-            "Resource": "arn:aws:s3:::runs/*"}]}))
+    deny_writes(out)
     assert main(["report", out.uri, "--endpoint-url", s3.endpoint_url]) == 2
     err = capsys.readouterr().err
     assert err == ("vidprune report: error: cannot write the report to s3://runs/small/report: "
