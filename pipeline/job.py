@@ -42,7 +42,8 @@ from .outputs import (ANNOTATIONS, JOB_FILE, KNOWN_ENTRIES, MANIFEST_FILE, SEGME
                       VIDEOS_FILE, SegmentWriter, completed_segments, read_manifest,
                       read_segments)
 from .results import aggregate_videos, format_summary, totals
-from .storage import Location, StorageError, filesystem, identity, is_local, parquet_bytes
+from .storage import (Location, StorageError, filesystem, identity, is_local, local_write_problem,
+                      parquet_bytes, s3_bucket_problem, write_problem)
 
 Log = Callable[[str], None]
 
@@ -231,8 +232,12 @@ def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any],
     try:
         if output.fs.isfile(output.root):
             raise JobRefused(f"{spec.output.uri} is a file, not a folder", "output.uri")
+        if not locked and is_local(output.fs):  # (reads only: a dry run writes nothing)
+            _refuse_unwritable(spec, local_write_problem(output.root))
         listed = output.entries()
         entries = [e for e in listed if e != LOCK_DIR]
+        if not listed and not locked and not is_local(output.fs):
+            _refuse_unwritable(spec, s3_bucket_problem(output.fs, output.root))
         if LOCK_DIR in listed and not locked:
             OutputLock(output, "").check()
     except JobRefused:
@@ -268,6 +273,16 @@ def _check_output(spec: Any, output: Location, fp: str, inputs: dict[str, Any],
                          "resuming would mix them. Use output.mode 'overwrite' to replace "
                          "them, or another output location", "output.mode")
     return previous
+
+
+def _refuse_unwritable(spec: Any, problem: str | None) -> None:
+    """Refuse an output that cannot be written (``problem``: why, found without writing, or
+    at the job's first write, the lock's)."""
+    if problem:
+        hint = (", or give the job's credentials write access there"
+                if problem == "access denied" else "")
+        raise JobRefused(f"cannot write to {spec.output.uri}: {problem}; choose another output "
+                         f"location{hint}", "output.uri")
 
 
 # -- running --------------------------------------------------------------------------------
@@ -435,6 +450,11 @@ def execute(plan: Plan, log: Log = _stderr) -> JobResult:
         lock.acquire()
     except OutputLocked as exc:
         raise JobRefused(str(exc), "output.uri") from None
+    except (FileNotFoundError, PermissionError, NotADirectoryError, FileExistsError) as exc:
+        # the first write: denied access, a missing bucket, a folder that cannot be made
+        _refuse_unwritable(plan.spec, write_problem(exc, plan.output.fs,
+                                                    plan.output.path(LOCK_DIR, "x")))
+        raise
     except OSError as exc:
         raise JobRefused(f"cannot lock the output: {_storage_message(exc)}",
                          "output.uri") from None

@@ -15,7 +15,9 @@ file only if it is absent:
 - S3: ``PutObject`` with ``If-None-Match: *`` (AWS S3 since August 2024, MinIO, moto). A store
   that ignores the condition is detected (a second conditional write of the same name
   succeeds); there vidprune warns, waits ``settle_s`` and reads the file back, which catches
-  all but near-simultaneous starts: the lock is best effort on such stores.
+  all but near-simultaneous starts: the lock is best effort on such stores. A missing
+  bucket or denied access is no such store: it raises (``FileNotFoundError``,
+  ``PermissionError``), and the job is refused.
 
 A lock is *stale*, and the next job takes it over by creating the next generation, when its
 heartbeat is older than ``stale_after_s`` (clocks of the hosts must agree to well within that),
@@ -222,6 +224,8 @@ class OutputLock:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
+        except (FileNotFoundError, PermissionError):
+            raise  # a missing bucket, denied access: for the user to fix, whatever the store
         except OSError as exc:  # the store refuses conditional writes: best effort
             self.log(f"{self.location.uri}: the store does not support conditional writes "
                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); the output "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,92 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
                 os.unlink(tmp)
     else:
         fs.pipe_file(path, data)
+
+
+#: File systems of the kernel's own objects (``/proc``, ``/sys`` ...): they take no new files,
+#: whatever the permissions say (for root, ``os.access`` calls ``/proc`` writable).
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "cgroup", "cgroup2", "devpts", "debugfs", "tracefs", "securityfs",
+    "pstore", "bpf", "configfs", "efivarfs", "fusectl", "binfmt_misc", "mqueue"})
+
+
+def _mount_type(path: str) -> str | None:
+    """The file system type of the mount that holds ``path`` (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5 or not tail.split():
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, tail.split()[0]
+    return kind
+
+
+def local_write_problem(folder: str) -> str | None:
+    """Why files cannot be written under the local ``folder`` (created if missing), or None
+    when they can, as far as can be told without writing: the folder, or its nearest
+    existing parent, must be a writable folder on a file system that takes files."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{existing} is a symbolic link to something that does not exist"
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    kind = _mount_type(os.path.realpath(existing))
+    if kind in PSEUDO_FILESYSTEMS:
+        return (f"{existing} is on a {kind} file system, where no files can be created"
+                if existing == folder else
+                f"{folder} cannot be created: {existing} is on a {kind} file system, where "
+                "no files can be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return f"{existing} is on a read-only file system" if read_only else \
+            f"permission denied: {existing} is not writable for this user"
+    return None
+
+
+def s3_bucket_problem(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """``the bucket B does not exist`` when the bucket of ``path`` is missing, else None
+    (a bucket this user may not look at is left to the first write to judge). Reads only."""
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return f"the bucket {bucket} does not exist"
+    except OSError:
+        return None
+    return None
+
+
+def write_problem(exc: BaseException, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A failed write of ``path`` on ``fs`` in words a user can act on (no traceback)."""
+    from operators.redact import redact
+
+    if is_local(fs):
+        if isinstance(exc, IsADirectoryError):
+            return f"{exc.filename or path} is a folder"
+        problem = local_write_problem(os.path.dirname(path))
+        if problem:
+            return problem
+    if isinstance(exc, PermissionError):
+        return "access denied"
+    if isinstance(exc, FileNotFoundError) and not is_local(fs):
+        return f"the bucket {path.split('/', 1)[0]} does not exist"
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    return redact(text)[:300]
 
 
 @dataclass

@@ -6,6 +6,9 @@ stall (no answer at all, as from a hung connection, until the front closes).
     front.fail("PUT", r"/runs/out/segments/", times=3)     # the next 3 matching PUTs: 500
     front.stall("GET", r"/videos/slow\.mp4")               # every matching GET hangs
     fs, _ = filesystem("s3://runs", endpoint_url=front.url)
+
+``deny_writes(location)`` sets a bucket policy that lets the tests read a bucket but not
+write there (403 Access Denied, as for read-only credentials).
 """
 
 from __future__ import annotations
@@ -127,3 +130,16 @@ class FlakyFront:
         self._release.set()
         self._server.shutdown()
         self._server.server_close()
+
+
+def deny_writes(location) -> None:
+    """A bucket policy on the moto server that lets the tests' credentials read the bucket of
+    ``location`` (a ``pipeline.storage.Location``) but not write or delete there: PUTs are
+    answered 403, as for read-only credentials."""
+    import json
+
+    bucket = location.root.split("/", 1)[0]
+    location.fs.call_s3("put_bucket_policy", Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Deny", "Principal": "*", "Action": ["s3:PutObject", "s3:DeleteObject"],
+            "Resource": f"arn:aws:s3:::{bucket}/*"}]}))

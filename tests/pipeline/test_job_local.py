@@ -268,6 +268,26 @@ def test_dry_run_writes_nothing(tmp_path, tiny_detector, sample_videos, capsys):
     shutil.rmtree(empty)
 
 
+@pytest.mark.parametrize("output, reason", [
+    ("/proc/vidprune-test/out", "/proc is on a proc file system, where no files can be created"),
+    ("{tmp}/a-file/out", "a-file is a file, not a folder"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_anything(
+        output, reason, tmp_path, tiny_detector, sample_videos, capsys):
+    """The dry run said such an output was fine and the run failed at the lock; both refuse
+    it now, naming output.uri, having written nothing (the real run before Ray starts)."""
+    (tmp_path / "a-file").write_text("mine")
+    output = output.format(tmp=tmp_path)
+    spec = write_spec(tmp_path / "job.yaml", input={"uri": str(sample_videos)},
+                      model=tiny_detector, pruning={"method": "none"}, output={"uri": output})
+    for extra in (["--dry-run"], []):
+        assert main(["run", spec, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"vidprune run: error: output.uri: cannot write to {output}: " in err, err
+        assert reason in err and "Traceback" not in err and "note:" not in err, err
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_recognition_outputs_of_the_earlier_annotation_format_are_not_resumed(tmp_path):
     """Clips gained a `frames` column: a recognition output written before it is refused
     for resume (its files would mix two schemas), with the reason; detection fingerprints

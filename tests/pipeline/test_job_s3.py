@@ -68,3 +68,37 @@ def test_recognition_job_from_s3_to_s3(ray_session, s3, tiny_recognizer, sample_
     assert json.loads(job)["status"] == "finished"
     everything = b"".join(fs.cat_file(p) for p in fs.find("runs/nightly"))
     assert s3.env["AWS_SECRET_ACCESS_KEY"].encode() not in everything
+
+
+def test_an_s3_output_that_cannot_be_written_is_refused(ray_session, s3, tiny_detector,
+                                                       sample_videos, tmp_path, capsys):
+    """A missing bucket is refused by the dry run and the run, before anything is written;
+    write access, which only a write can tell, is refused at the job's first write (the
+    lock), before job.json. Neither is the note about stores without conditional writes."""
+    from pipeline.storage import Location
+    from tests.faults import deny_writes
+
+    storage = {"endpoint_url": s3.endpoint_url}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "input": {"uri": str(sample_videos / "mma_part_0.mp4")}, "model": tiny_detector,
+        "pruning": {"method": "none"},
+        "output": {"uri": "s3://no-such-bucket/nightly/", "storage": storage}}))
+    for extra in (["--dry-run"], []):
+        assert main(["run", str(spec), *extra]) == 2
+        err = capsys.readouterr().err
+        assert ("vidprune run: error: output.uri: cannot write to s3://no-such-bucket/nightly/: "
+                "the bucket no-such-bucket does not exist; choose another output location\n"
+                ) in err, err
+        assert "conditional writes" not in err and "Traceback" not in err, err
+
+    out = Location.open("s3://runs/nightly", **storage)
+    out.fs.mkdir("runs")
+    deny_writes(out)
+    assert main(["run", str(spec), "--set", "output.uri=s3://runs/nightly/"]) == 2
+    err = capsys.readouterr().err
+    assert ("vidprune run: error: output.uri: cannot write to s3://runs/nightly/: access denied; "
+            "choose another output location, or give the job's credentials write access "
+            "there\n") in err, err
+    assert "conditional writes" not in err and "Traceback" not in err, err
+    assert out.fs.find("runs") == []

@@ -16,6 +16,7 @@ import yaml
 from jobs.cli import main
 from pipeline.lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
 from pipeline.storage import Location
+from tests.faults import deny_writes
 
 
 def locks(location: Location) -> list[str]:
@@ -121,6 +122,22 @@ def test_s3_conditional_writes_make_the_lock_exclusive(s3):
     assert locks(out) == []
     with OutputLock(out, "job-b") as second:
         assert second.generation == 1
+
+
+def test_a_missing_bucket_or_denied_access_is_an_error_not_a_best_effort_lock(s3):
+    """Only a store that refuses conditional writes makes the lock best effort: a missing
+    bucket or denied access raises, with no note about conditional writes."""
+    messages = []
+    missing = Location.open("s3://no-such-bucket/nightly", endpoint_url=s3.endpoint_url)
+    with pytest.raises(FileNotFoundError):
+        OutputLock(missing, "job-a", settle_s=0, log=messages.append).acquire()
+    denied = Location.open("s3://runs/nightly", endpoint_url=s3.endpoint_url)
+    denied.fs.mkdir("runs")
+    deny_writes(denied)
+    with pytest.raises(PermissionError):
+        OutputLock(denied, "job-a", settle_s=0, log=messages.append).acquire()
+    assert messages == []
+    assert denied.fs.find("runs") == []
 
 
 def test_a_job_refuses_an_output_another_job_is_writing(tmp_path, tiny_detector,

@@ -176,3 +176,92 @@ def test_segments_written_before_gmacs_padding_existed_read_with_it_null(tmp_pat
     table = read_segments(Location.open(str(tmp_path)))
     assert table.schema == SEGMENTS
     assert table.column("gmacs_padding").to_pylist() == [None]
+
+
+# -- where the report cannot be written ------------------------------------------------------
+
+def small_output(location) -> None:
+    """A job output as a job leaves it before any segment completes: job.json and a manifest
+    of one video to run and one that could not be opened (enough to report on, without Ray)."""
+    from pipeline.manifest import build_manifest
+    from pipeline.storage import parquet_bytes
+
+    probes = [{"uri": "/videos/a.mp4", "identity": "a", "frames_total": 20, "fps": 10.0,
+               "width": 64, "height": 48, "duration_s": 2.0, "size_bytes": 100},
+              {"uri": "/videos/b.mp4", "identity": "b", "frames_total": 0, "fps": 0.0,
+               "width": 0, "height": 0, "duration_s": 0.0, "size_bytes": 5,
+               "probe_error": "not a video: a text file"}]
+    location.write_bytes("manifest/manifest.parquet",
+                         parquet_bytes(build_manifest(probes, 16, "fp")))
+    location.write_bytes("job.json", json.dumps({
+        "name": "small", "method": "none", "job_id": "small-1",
+        "spec": {"model": {"task": "detection"}}}).encode())
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+@pytest.mark.parametrize("option, target, reason", [
+    ("--out", "a-file", "is a file, not a folder"),
+    ("--out", "a-file/report", "is a file, not a folder"),
+    ("--out", "/proc/vidprune-test/report", "proc file system"),
+    ("--html", "a-folder", "is a folder"),
+    ("--html", "/proc/vidprune-test/report.html", "proc file system"),
+])
+def test_a_report_target_that_cannot_be_written_is_refused_in_one_line(
+        option, target, reason, tmp_path, capsys):
+    """Ordinary mistakes in --out and --html: exit 2 with one line naming the target and
+    why, no traceback; the targets are checked before the report is written anywhere."""
+    from pipeline.storage import Location
+
+    out = tmp_path / "out"
+    small_output(Location.open(str(out)))
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "a-folder").mkdir()
+    target = target if target.startswith("/") else str(tmp_path / target)
+    assert main(["report", str(out), option, target]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("vidprune report: error: cannot write the ")
+    assert target in err and reason in err, err
+    assert not (out / "report").exists()  # nothing written before the refusal
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_the_html_copy_is_named_where_it_was_written(tmp_path, capsys):
+    from pipeline.storage import Location
+
+    out, page = tmp_path / "out", tmp_path / "pages" / "small.html"
+    small_output(Location.open(str(out)))
+    assert main(["report", str(out), "--html", str(page)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert str(out / "report" / "report.html") in last and str(page) in last, last
+    assert page.read_bytes() == (out / "report" / "report.html").read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_a_report_to_a_read_only_s3_output_is_refused_with_what_to_do(s3, tmp_path, capsys):
+    """Credentials that may read the output but not write there (here a bucket policy that
+    denies writes): the default report location is refused in one line that says to use
+    --out; --out elsewhere then works."""
+    from pipeline.storage import Location
+    from tests.faults import deny_writes
+
+    out = Location.open("s3://runs/small", endpoint_url=s3.endpoint_url)
+    out.fs.mkdir("runs")
+    small_output(out)
+    deny_writes(out)
+    assert main(["report", out.uri, "--endpoint-url", s3.endpoint_url]) == 2
+    err = capsys.readouterr().err
+    assert err == ("vidprune report: error: cannot write the report to s3://runs/small/report: "
+                   "access denied; use --out to write it somewhere else\n"), err
+    assert out.files("report") == []
+    local = tmp_path / "local-report"
+    assert main(["report", out.uri, "--endpoint-url", s3.endpoint_url, "--out",
+                 str(local)]) == 0
+    assert (local / "report.html").exists()
+
+    assert main(["report", out.uri, "--endpoint-url", s3.endpoint_url, "--out",
+                 "s3://no-such-bucket/report"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report to s3://no-such-bucket/report: the bucket no-such-bucket " \
+           "does not exist" in err, err
