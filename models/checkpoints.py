@@ -165,8 +165,13 @@ def unwrap(obj: Any) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
 
 
+#: Keys shown of each kind (missing, unexpected, wrong shape) when a checkpoint does not fit.
+KEYS_SHOWN = 6
+
+
 def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
+    """Raise a :class:`CheckpointError` listing missing, unexpected and mis-shaped keys: the
+    number of each kind, its first :data:`KEYS_SHOWN` keys and how many more."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -176,9 +181,9 @@ def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected),
                              ("wrong shape", shapes)):
-            if items:
-                more = f" ... (+{len(items) - 12})" if len(items) > 12 else ""
-                shown = ", ".join(items[:12]) + more
+            if items:  # each list summed up on its own: a long one never hides the others
+                more = f" (+{len(items) - KEYS_SHOWN} more)" if len(items) > KEYS_SHOWN else ""
+                shown = ", ".join(items[:KEYS_SHOWN]) + more
                 parts.append(f"{label} keys ({len(items)}): {shown}")
         target = getattr(getattr(model, "arch", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))
@@ -188,7 +193,7 @@ def load_into(model: torch.nn.Module, source: Any, name: str | None = None):
     """Load a checkpoint (path or open file) into ``model``, converting foreign formats.
 
     The format is recognised from its key names (see ``models/convert.py``); a checkpoint
-    that does not fit is refused with every missing and unexpected key listed. Returns the
+    that does not fit is refused with its missing, unexpected and mis-shaped keys. Returns the
     :class:`~models.convert.Conversion` (format, dropped keys, notes); a format that implies
     its input normalisation sets ``model.pixel_mean`` / ``model.pixel_std``.
     """

@@ -171,7 +171,11 @@ def _check_model(spec: Any):
         runner = build_runner(model, spec.pruning.method, spec.pruning.params, checkpoint_fs)
     except MethodError as exc:
         raise JobRefused(str(exc), "pruning") from None
-    except (CheckpointError, OSError) as exc:
+    except CheckpointError as exc:  # vidprune's own message, of bounded length: never cut
+        from operators.redact import redact
+
+        raise JobRefused(redact(" ".join(str(exc).split())), "model.checkpoint") from None
+    except OSError as exc:
         raise JobRefused(_storage_message(exc), "model.checkpoint") from None
     except (ModelError, ValueError, TypeError) as exc:
         raise JobRefused(str(exc), "model") from None

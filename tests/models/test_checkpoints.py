@@ -100,6 +100,30 @@ def test_unsupported_suffix_and_missing_file(tmp_path):
         load_file(tmp_path / "absent.pth")
 
 
+def test_a_checkpoint_that_does_not_fit_summarises_each_list(tmp_path):
+    """Every kind of misfit is listed, each with its first keys and how many more, so a long
+    list of missing keys never hides the unexpected or mis-shaped ones."""
+    state = tiny_state()
+    names = sorted(state)
+    kept = {k: v for k, v in state.items() if k not in names[:len(names) // 2]}
+    missing = names[:len(names) // 2]
+    for name in sorted(kept)[:9]:
+        kept[name] = torch.zeros(*kept[name].shape, 2)
+    extra = {f"extra.layer{i:02d}.weight": torch.zeros(1) for i in range(20)}
+    path = tmp_path / "misfit.pth"
+    torch.save({**kept, **extra}, path)
+    with pytest.raises(CheckpointError) as err:
+        build_model(arch="vit-ti", checkpoint=path, depth=1, dim=32, heads=2, input_size=32,
+                    num_classes=3)
+    msg = str(err.value)
+    assert f"missing keys ({len(missing)}): {missing[0]}, " in msg
+    assert f"(+{len(missing) - 6} more)" in msg
+    assert "unexpected keys (20): extra.layer00.weight, " in msg
+    assert "extra.layer05.weight (+14 more)" in msg and "extra.layer06" not in msg
+    assert "wrong shape keys (9): " in msg and msg.endswith("(+3 more)")
+    assert len(msg) < 1500
+
+
 def test_checkpoint_without_tensors_is_explained(tmp_path):
     path = tmp_path / "meta.pth"
     torch.save({"epoch": 3, "args": {"lr": 0.1}}, path)
