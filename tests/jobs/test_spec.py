@@ -251,6 +251,16 @@ def test_cli_lists_every_kind_of_misfit_of_a_checkpoint(base, tmp_path, capsys):
     assert err.rstrip().endswith("(+1 more)")
 
 
+def test_cli_says_a_junk_checkpoint_is_unreadable_not_unsafe(base, tmp_path, capsys):
+    junk = tmp_path / "bad.pth"
+    junk.write_bytes(b"garbage\n")  # echo garbage > bad.pth
+    job = write(tmp_path / "job.yaml", base)
+    assert main(["run", job, "--dry-run", "--set", f"model.checkpoint={junk}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.checkpoint: {junk}: not a readable checkpoint (neither a torch archive" in err
+    assert "refused" not in err and "Traceback" not in err
+
+
 def test_cli_refuses_what_the_driver_finds_before_writing(base, tmp_path, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import pytest
@@ -83,6 +84,7 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path, suffix):
     ("garbage.pkl", b"\x80\x04definitely not a pickle"),
     ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"),
     ("empty.pth", b""),
+    ("junk.pth", b"garbage\n"),  # `echo garbage > junk.pth`: starts like a pickle opcode
 ])
 def test_garbage_files_give_clear_errors(tmp_path, name, data):
     path = tmp_path / name
@@ -91,6 +93,58 @@ def test_garbage_files_give_clear_errors(tmp_path, name, data):
         load_file(path)
     assert name in str(err.value)
     assert "refused" not in str(err.value)  # unreadable, not unsafe
+    assert "not a readable" in str(err.value) or "empty" in str(err.value)
+
+
+def test_junk_says_what_the_file_is_not(tmp_path):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError) as err:
+        load_file(path)
+    assert str(err.value) == (f"{path}: not a readable checkpoint (neither a torch archive nor a "
+                              f"pickle; it starts with b'garbage\\n')")
+
+
+def test_a_pickle_torch_cannot_read_is_unreadable_not_unsafe(tmp_path):
+    """A harmless protocol-0 pickle uses operations torch's weights-only loader lacks."""
+    path = tmp_path / "old.pth"
+    path.write_bytes(pickle.dumps({"w": [1, 2]}, protocol=0))
+    with pytest.raises(CheckpointError) as err:
+        load_file(path)
+    assert "refused" not in str(err.value)
+    assert "not a readable checkpoint (a pickle using the operation" in str(err.value)
+
+
+class RunsCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_a_pickle_calling_os_system_is_refused_by_name(tmp_path, protocol):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"model": RunsCommand(f"touch {marker}")}, protocol=protocol))
+    with pytest.raises(CheckpointError,
+                       match=r"refused: unpickling it would need the global (os|posix)\.system,"):
+        load_file(path)
+    assert not marker.exists()
+
+
+def test_a_hand_made_inst_pickle_is_refused_by_name(tmp_path):
+    """INST imports and calls a global in one operation (torch's loader lacks it)."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(b"(V" + str(marker).encode() + b"\nVw\nibuiltins\nopen\n.")
+    with pytest.raises(EnvironmentError):  # the payload is real: it would open the marker
+        pickle.loads(path.read_bytes().replace(b"Vw", b"Vr"))
+    with pytest.raises(CheckpointError,
+                       match=r"refused: unpickling it would need the global builtins\.open,"):
+        load_file(path)
+    assert not marker.exists()
 
 
 def test_unsupported_suffix_and_missing_file(tmp_path):
