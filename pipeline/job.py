@@ -33,6 +33,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from operators.retry import retry
+
 from .graph import Resources, run_segments
 from .listing import VideoObject, list_videos, probe_videos, probe_videos_on_cluster
 from .lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
@@ -158,7 +160,9 @@ def _check_model(spec: Any):
     if model.get("checkpoint"):
         fs, path = filesystem(model["checkpoint"], **spec.input.storage.options())
         try:
-            checkpoint_id = identity(fs.info(path))
+            info = fs.info(path) if is_local(fs) else retry(
+                lambda: fs.info(path), f"looking up {model['checkpoint']}")
+            checkpoint_id = identity(info)
         except FileNotFoundError:
             raise JobRefused(f"{model['checkpoint']} does not exist", "model.checkpoint") from None
         except OSError as exc:
