@@ -73,7 +73,7 @@ def load_file(source: str | os.PathLike | BinaryIO, name: str | None = None) -> 
     except pickle.UnpicklingError as exc:
         if is_torch_archive or suffix != ".pkl":
             if "Weights only load failed" in str(exc):
-                raise _refused(label, _unsafe_detail(str(exc))) from None
+                raise _weights_only_failure(label, str(exc), data) from None
             raise CheckpointError(
                 f"{label}: not a readable checkpoint ({_first_line(exc)})") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError ... on bad files
@@ -89,13 +89,117 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def _unsafe_detail(message: str) -> str:
-    """What torch's weights-only unpickler refused, from its message."""
-    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+def _weights_only_failure(label: str, message: str, data: bytes) -> CheckpointError:
+    """Why torch's weights-only unpickler stopped, from its message: the file is unsafe (it
+    needs a global that could run code) or unreadable (not a pickle at all, or one using
+    operations that loader does not read)."""
+    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)
     if found:
-        return f"the global {found.group(1)}"
-    found = re.search(r"WeightsUnpickler error: *(.+)", message)
-    return found.group(1).strip()[:200] if found else "objects other than tensors"
+        return _refused(label, f"the global {found.group(1)}")
+    found = re.search(r"reduce for unrecognized function (.+)", message)
+    if found:
+        return _refused(label, f"a call of {found.group(1).strip()[:200]}")
+    found = re.search(r"Unsupported operand (\d+)", message)
+    if found:
+        return _unsupported_operation(label, int(found.group(1)), data)
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", message)
+    return _refused(label, found.group(1).strip()[:200] if found else "objects other than tensors")
+
+
+#: Operations that build objects by calling code without naming a global torch would check.
+_CALLING_OPERATIONS = {"OBJ", "EXT1", "EXT2", "EXT4"}
+
+
+def _unsupported_operation(label: str, code: int, data: bytes) -> CheckpointError:
+    """torch's loader stopped at an operation it lacks, before seeing the rest: junk that only
+    starts like a pickle, or a real pickle (e.g. protocol 0) that may still need globals
+    further on. The pickle is read as operations only (``pickletools``), never executed."""
+    scanned = _scan_pickles(_pickle_stream(data))
+    if scanned is None:
+        return CheckpointError(f"{label}: not a readable checkpoint (neither a torch archive nor a "
+                               f"pickle; it starts with {data[:16]!r})")
+    operations, names = scanned
+    allowed = _allowed_globals()
+    for name in names:
+        if name not in allowed:
+            return _refused(label, f"the global {name}" if name else "a global it names "
+                            "indirectly")
+    import pickletools
+
+    info = pickletools.code2op.get(chr(code))
+    operation = info.name if info else f"0x{code:02x}"
+    if operation in _CALLING_OPERATIONS & operations:
+        return _refused(label, f"the pickle operation {operation}, which builds objects by "
+                               f"calling code")
+    return CheckpointError(
+        f"{label}: not a readable checkpoint (a pickle using the operation {operation}, which "
+        f"a weights-only load does not read; save the weights again with torch.save or "
+        f"safetensors)")
+
+
+def _pickle_stream(data: bytes) -> bytes:
+    """The pickle of a torch archive (its ``data.pkl``), or the file itself."""
+    if data[:4] != b"PK\x03\x04":
+        return data
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            return archive.read(names[0]) if names else b""
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return b""
+
+
+_STRING_OPERATIONS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+                      "SHORT_BINUNICODE", "BINUNICODE8"}
+
+
+def _scan_pickles(data: bytes) -> tuple[set[str], list[str]] | None:
+    """The operations and the globals (``module.name``; "" when not known) of the complete
+    pickles at the start of ``data`` (a legacy torch file holds several), or None when it
+    does not start with one. Nothing is executed."""
+    import pickletools
+
+    stream, operations, names, complete = io.BytesIO(data), set(), [], False
+    while stream.tell() < len(data):
+        found_ops, found_names, pushed, memo = set(), [], [], {}
+        try:
+            for info, arg, _ in pickletools.genops(stream):
+                found_ops.add(info.name)
+                if info.name in ("GLOBAL", "INST"):
+                    found_names.append(".".join(str(arg).split(" ", 1)))
+                elif info.name == "STACK_GLOBAL":
+                    parts = pushed[-2:]
+                    known = len(parts) == 2 and all(isinstance(p, str) for p in parts)
+                    found_names.append(".".join(parts) if known else "")
+                elif info.name in _STRING_OPERATIONS:
+                    pushed.append(arg if isinstance(arg, str) else None)
+                elif info.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif info.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+                else:
+                    pushed.append(None)
+        except Exception:  # not (or no longer) a pickle: what follows is not read
+            break
+        operations |= found_ops
+        names += found_names
+        complete = True
+    return (operations, names) if complete else None
+
+
+def _allowed_globals() -> set[str]:
+    """The globals torch's weights-only loader accepts (a pickle naming only these is not
+    unsafe, just unreadable)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:  # a private API: without it, only tensor-rebuilding globals are fine
+        allowed = set()
+    return allowed | {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                      "torch._utils._rebuild_parameter"}
 
 
 #: Globals a numpy-array pickle needs (protocols 0-5, numpy 1 and 2 module names).
@@ -165,8 +269,13 @@ def unwrap(obj: Any) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
 
 
+#: Keys shown of each kind (missing, unexpected, wrong shape) when a checkpoint does not fit.
+KEYS_SHOWN = 6
+
+
 def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
+    """Raise a :class:`CheckpointError` listing missing, unexpected and mis-shaped keys: the
+    number of each kind, its first :data:`KEYS_SHOWN` keys and how many more."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -176,9 +285,9 @@ def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected),
                              ("wrong shape", shapes)):
-            if items:
-                more = f" ... (+{len(items) - 12})" if len(items) > 12 else ""
-                shown = ", ".join(items[:12]) + more
+            if items:  # each list summed up on its own: a long one never hides the others
+                more = f" (+{len(items) - KEYS_SHOWN} more)" if len(items) > KEYS_SHOWN else ""
+                shown = ", ".join(items[:KEYS_SHOWN]) + more
                 parts.append(f"{label} keys ({len(items)}): {shown}")
         target = getattr(getattr(model, "arch", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))
@@ -188,7 +297,7 @@ def load_into(model: torch.nn.Module, source: Any, name: str | None = None):
     """Load a checkpoint (path or open file) into ``model``, converting foreign formats.
 
     The format is recognised from its key names (see ``models/convert.py``); a checkpoint
-    that does not fit is refused with every missing and unexpected key listed. Returns the
+    that does not fit is refused with its missing, unexpected and mis-shaped keys. Returns the
     :class:`~models.convert.Conversion` (format, dropped keys, notes); a format that implies
     its input normalisation sets ``model.pixel_mean`` / ``model.pixel_std``.
     """

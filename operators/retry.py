@@ -6,9 +6,12 @@ whole operations (a ranged read served to the decoder, the write of one output f
 blip longer than their retries costs a pause, not a segment or a job.
 
 Not retried: what retrying cannot fix (a missing object, a refused permission, a bad
-argument). After the last attempt the error is raised with the number of attempts in its
-message; the caller decides what a failure means (a read: the decoder records the
-segment's error; a write: the segment is not marked complete).
+argument, credentials that are missing or that the store refuses: those raise
+:class:`CredentialsError` at once, saying what to set). After the last attempt the error is
+raised with the number of attempts in its message, and with a hint to check the endpoint
+when it never answered (nothing listens there, or its name does not resolve); the caller
+decides what a failure means (a read: the decoder records the segment's error; a write: the
+segment is not marked complete).
 """
 
 from __future__ import annotations
@@ -51,11 +54,64 @@ def default_backoff() -> Backoff:
     return Backoff(attempts=max(1, attempts))
 
 
+#: botocore's errors for credentials it cannot find, and the S3 error codes of credentials
+#: the store refuses (s3fs turns some into PermissionError, InvalidToken into an OSError).
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+_REFUSED_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                        "ExpiredToken", "InvalidSecurity")
+#: Errors that mean no connection was made at all: the endpoint never answered.
+_NO_CONNECTION = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                  "ConnectionRefusedError", "gaierror")
+
+NO_CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) where "
+                       "vidprune runs, or storage.anon: true in the spec for a public bucket")
+REFUSED_CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and "
+                            "AWS_SESSION_TOKEN), and that storage.endpoint_url and "
+                            "storage.region in the spec name the store they belong to")
+NO_CONNECTION_HINT = ("the endpoint never answered: check --endpoint-url / "
+                      "storage.endpoint_url, and that the store is up")
+
+
+class CredentialsError(PermissionError):
+    """The store's credentials are missing or refused; the message says what to set."""
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def credentials_hint(exc: BaseException) -> str | None:
+    """What to do when ``exc`` (or an error behind it) says the credentials are missing or
+    refused; None otherwise."""
+    for e in _chain(exc):
+        if type(e).__name__ in _NO_CREDENTIALS:
+            return NO_CREDENTIALS_HINT
+        code = (getattr(e, "response", None) or {}).get("Error", {}).get("Code")
+        if code in _REFUSED_CREDENTIALS:
+            return REFUSED_CREDENTIALS_HINT
+    return None
+
+
+def never_connected(exc: BaseException) -> bool:
+    """True when no connection to the endpoint was made (refused, unknown host, timeout
+    while connecting), as opposed to one that failed once made."""
+    return any(c.__name__ in _NO_CONNECTION for e in _chain(exc) for c in type(e).__mro__)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most 300 characters of the message."""
+    return f"{type(exc).__name__}: {' '.join((str(exc) or type(exc).__name__).split())[:300]}"
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth another attempt: OSErrors other than :data:`PERMANENT`
     (s3fs raises OSError for 5xx replies and lost connections), and the network errors of
-    the HTTP libraries underneath."""
-    if isinstance(exc, PERMANENT):
+    the HTTP libraries underneath; never missing or refused credentials."""
+    if isinstance(exc, PERMANENT) or credentials_hint(exc):
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -75,11 +131,14 @@ def retry(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
         try:
             return fn()
         except Exception as exc:
+            hint = credentials_hint(exc)
+            if hint:
+                raise CredentialsError(f"{what} failed: {describe(exc)}; {hint}") from exc
             if not is_transient(exc):
                 raise
             if attempt == backoff.attempts:
-                text = " ".join((str(exc) or type(exc).__name__).split())[:300]
+                hint = f"; {NO_CONNECTION_HINT}" if never_connected(exc) else ""
                 raise RetriesExhausted(f"{what} failed {attempt} times; last error: "
-                                       f"{type(exc).__name__}: {text}") from exc
+                                       f"{describe(exc)}{hint}") from exc
             sleep(backoff.delay_s(attempt))
     raise AssertionError("unreachable")  # pragma: no cover

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from operators.retry import retry
+
 from .graph import Resources, run_segments
 from .listing import VideoObject, list_videos, probe_videos, probe_videos_on_cluster
 from .lock import LOCK_DIR, LockLost, OutputLock, OutputLocked
@@ -161,7 +163,9 @@ def _check_model(spec: Any):
     if model.get("checkpoint"):
         fs, path = filesystem(model["checkpoint"], **spec.input.storage.options())
         try:
-            checkpoint_id = identity(fs.info(path))
+            info = fs.info(path) if is_local(fs) else retry(
+                lambda: fs.info(path), f"looking up {model['checkpoint']}")
+            checkpoint_id = identity(info)
         except FileNotFoundError:
             raise JobRefused(f"{model['checkpoint']} does not exist", "model.checkpoint") from None
         except OSError as exc:
@@ -174,7 +178,11 @@ def _check_model(spec: Any):
         runner = build_runner(model, spec.pruning.method, spec.pruning.params, checkpoint_fs)
     except MethodError as exc:
         raise JobRefused(str(exc), "pruning") from None
-    except (CheckpointError, OSError) as exc:
+    except CheckpointError as exc:  # vidprune's own message, of bounded length: never cut
+        from operators.redact import redact
+
+        raise JobRefused(redact(" ".join(str(exc).split())), "model.checkpoint") from None
+    except OSError as exc:
         raise JobRefused(_storage_message(exc), "model.checkpoint") from None
     except (ModelError, ValueError, TypeError) as exc:
         raise JobRefused(str(exc), "model") from None

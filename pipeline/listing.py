@@ -25,7 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .storage import StorageError, identity, uri_of
+from operators.retry import retry
+
+from .storage import StorageError, identity, is_local, uri_of
 
 DEFAULT_PATTERNS = ("*.mp4", "*.mkv", "*.avi", "*.mov", "*.webm", "*.m4v", "*.mpg",
                     "*.mpeg", "*.ts", "*.flv", "*.wmv", "*.3gp")
@@ -61,15 +63,18 @@ def matches(relative_path: str, patterns: list[str] | tuple[str, ...]) -> bool:
 def list_videos(fs: Any, root: str, patterns: list[str] | tuple[str, ...]) -> list[VideoObject]:
     """Every file under ``root`` (recursively) that matches ``patterns``, sorted by URI.
     ``root`` may also be a single file, which is taken whatever its name."""
+    # On a store, transient errors are retried and missing credentials said at once.
+    where = uri_of(fs, root)
+    call = (lambda fn: fn()) if is_local(fs) else (lambda fn: retry(fn, f"listing {where}"))
     try:
-        info = fs.info(root)
+        info = call(lambda: fs.info(root))
     except FileNotFoundError:
         raise StorageError(f"input {uri_of(fs, root)} does not exist") from None
     except PermissionError as exc:
         raise StorageError(f"input {uri_of(fs, root)} is not readable: {exc}") from None
     if info.get("type") == "file":
         return [VideoObject(uri_of(fs, root), int(info.get("size") or 0), identity(info))]
-    found = fs.find(root, detail=True, withdirs=True)
+    found = call(lambda: fs.find(root, detail=True, withdirs=True))
     out: dict[str, VideoObject] = {}
     prefix = root.rstrip("/") + "/"
     for path, entry in found.items():

@@ -228,6 +228,41 @@ def test_cli_refuses_a_bad_spec_with_exit_code_2_and_writes_nothing(base, tmp_pa
     assert "not valid YAML" in capsys.readouterr().err
 
 
+def test_cli_lists_every_kind_of_misfit_of_a_checkpoint(base, tmp_path, capsys):
+    """Many missing keys never push the unexpected and mis-shaped ones out of the message."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(base["model"]["checkpoint"])
+    names = sorted(state)
+    misfit = {k: v for k, v in state.items() if k not in names[:40]}
+    for name in sorted(misfit)[:7]:
+        misfit[name] = misfit[name].new_zeros(*misfit[name].shape, 2)
+    misfit.update({f"extra.blocks.{i}.weight": torch.zeros(2) for i in range(8)})
+    folder = tmp_path / ("a-folder-with-a-rather-long-name-" * 3)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in misfit.items()}, folder / "misfit.safetensors")
+    job = write(tmp_path / "job.yaml", base)
+    code = main(["run", job, "--dry-run", "--set",
+                 f"model.checkpoint={folder / 'misfit.safetensors'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "does not fit vitdet-ti: missing keys (40): " in err
+    assert "(+34 more); unexpected keys (8): extra.blocks.0.weight, " in err
+    assert "extra.blocks.5.weight (+2 more); wrong shape keys (7): " in err
+    assert err.rstrip().endswith("(+1 more)")
+
+
+def test_cli_says_a_junk_checkpoint_is_unreadable_not_unsafe(base, tmp_path, capsys):
+    junk = tmp_path / "bad.pth"
+    junk.write_bytes(b"garbage\n")  # echo garbage > bad.pth
+    job = write(tmp_path / "job.yaml", base)
+    assert main(["run", job, "--dry-run", "--set", f"model.checkpoint={junk}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.checkpoint: {junk}: not a readable checkpoint (neither a torch archive" in err
+    assert "refused" not in err and "Traceback" not in err
+
+
 def test_cli_refuses_what_the_driver_finds_before_writing(base, tmp_path, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()

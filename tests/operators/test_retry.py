@@ -8,7 +8,8 @@ import pytest
 import operators.proxy as proxy_module
 from operators.annotator import AnnotatorActor
 from operators.proxy import RangeProxy
-from operators.retry import Backoff, RetriesExhausted, is_transient, retry
+from operators.retry import (Backoff, CredentialsError, RetriesExhausted, is_transient,
+                             retry)
 from pipeline.manifest import build_manifest
 from pipeline.outputs import SegmentWriter, completed_segments, read_segments
 from pipeline.storage import Location, filesystem
@@ -41,6 +42,29 @@ def test_what_is_retried():
 
     assert retry(flaky, "x", Backoff(attempts=3, base_s=1.0, max_s=1.5), waits.append) == "ok"
     assert len(calls) == 3 and 0.5 <= waits[0] <= 1.0 and 0.75 <= waits[1] <= 1.5
+
+
+def test_credentials_that_are_missing_or_refused_are_not_retried():
+    from botocore.exceptions import ClientError, NoCredentialsError
+    from s3fs.errors import translate_boto_error
+
+    def refused(code):
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": "no"}},
+                                                "GetObject"))
+
+    for exc, hint in ((NoCredentialsError(), "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+                      (refused("InvalidAccessKeyId"), "check AWS_ACCESS_KEY_ID"),
+                      (refused("InvalidToken"), "check AWS_ACCESS_KEY_ID")):  # an OSError
+        assert not is_transient(exc)
+        calls, waits = [], []
+
+        def fails(exc=exc):
+            calls.append(1)
+            raise exc
+
+        with pytest.raises(CredentialsError, match=f"reading x failed: .*; {hint}"):
+            retry(fails, "reading x", Backoff(attempts=3), waits.append)
+        assert len(calls) == 1 and not waits
 
 
 def test_output_writes_outlast_a_failing_store(front):

@@ -2,6 +2,10 @@
 
 import os
 import pickle
+import time
+
+import pytest
+import yaml
 
 from pipeline.storage import Location, filesystem, identity, write_atomic
 
@@ -37,3 +41,57 @@ def test_a_pickled_filesystem_carries_no_credentials(s3):
     blob = pickle.dumps(fs)
     assert s3.env["AWS_SECRET_ACCESS_KEY"].encode() not in blob
     assert s3.env["AWS_ACCESS_KEY_ID"].encode() not in blob
+
+
+def _no_credentials(monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _cli(argv):
+    from jobs.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("where", ["output", "input"])
+def test_missing_credentials_fail_at_once_with_a_hint(s3, monkeypatch, tmp_path, capsys, where):
+    """No retry brings credentials: the default 6 attempts would wait about 15 s."""
+    loc = Location.open("s3://videos/v/", endpoint_url=s3.endpoint_url)
+    loc.fs.mkdir("videos")
+    loc.write_bytes("a.mp4", b"not read")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not read")
+    s3_uri = "s3://videos/v/" if where == "input" else "s3://videos/out/"
+    local = str(tmp_path / ("videos" if where == "output" else "out"))
+    spec = {"input": {"uri": s3_uri if where == "input" else local,
+                      "storage": {"endpoint_url": s3.endpoint_url}},
+            "output": {"uri": s3_uri if where == "output" else local}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    _no_credentials(monkeypatch)
+    started = time.monotonic()
+    assert _cli(["run", str(tmp_path / "job.yaml"), "--dry-run"]) == 2
+    assert time.monotonic() - started < 10  # the model is built first
+    err = capsys.readouterr().err
+    assert f"{where}.uri: " in err and "Traceback" not in err and "times" not in err
+    assert "NoCredentialsError: Unable to locate credentials" in err
+    assert "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in err and "storage.anon" in err
+
+    started = time.monotonic()
+    with pytest.raises(PermissionError, match="Unable to locate credentials; set AWS_"):
+        Location.open("s3://videos/v/", endpoint_url=s3.endpoint_url).read_bytes("a.mp4")
+    assert time.monotonic() - started < 1
+
+
+def test_an_endpoint_that_never_answers_is_named_in_the_error(monkeypatch, capsys):
+    """A closed port: retried as a transient fault, then the hint to check the endpoint."""
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off
+    monkeypatch.setenv("VIDPRUNE_STORAGE_ATTEMPTS", "2")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert _cli(["report", "s3://runs/r1/", "--endpoint-url", endpoint]) == 2
+    err = capsys.readouterr().err
+    assert "reading s3://runs/r1/job.json failed 2 times; last error: EndpointConnection" in err
+    assert "the endpoint never answered: check --endpoint-url / storage.endpoint_url" in err
+    assert "Traceback" not in err
