@@ -149,6 +149,8 @@ def local_write_problem(folder: str) -> str | None:
 def s3_bucket_problem(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """``the bucket B does not exist`` when the bucket of ``path`` is missing, else None
     (a bucket this user may not look at is left to the first write to judge). Reads only."""
+    if not hasattr(fs, "call_s3"):  # not an S3 file system: nothing to ask
+        return None
     bucket = path.split("/", 1)[0]
     try:
         fs.call_s3("head_bucket", Bucket=bucket)
