@@ -379,9 +379,10 @@ class Progress:
     def _print(self, now: float) -> None:
         self.last = now
         frames = self.printed_frames = self._frames()
-        saved = 100 * (1 - self.run / self.dense) if self.dense else 0.0
+        # savings of the finished segments (none yet: not known, rather than 0 %)
+        saved = f"{100 * (1 - self.run / self.dense):.1f}%" if self.dense else "-"
         self.log(f"progress: {self.done}/{self.total} videos · {frames:,d} frames · "
-                 f"savings {saved:.1f}% · {self.errors} segment(s) with errors · "
+                 f"savings {saved} · {self.errors} segment(s) with errors · "
                  f"{now - self.t0:.0f} s")
 
 

@@ -334,6 +334,8 @@ def test_progress_lines_count_the_frames_of_segments_still_running(
     running = [int(m.group(1).replace(",", "")) for line in lines
                if (m := re.match(r"progress: 0/1 videos · ([\d,]+) frames", line))]
     assert running and 0 < max(running) <= 240, lines
+    # no segment finished yet: its savings are not known, and not shown as 0 %
+    assert all("savings - ·" in line for line in lines if line.startswith("progress: 0/1"))
     assert any(line.startswith("progress: 1/1 videos · 240 frames") for line in lines), lines
 
 
