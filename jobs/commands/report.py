@@ -80,9 +80,11 @@ def main(args) -> int:
                             f"itself is in {target.uri})") from None
     for s in summary["outputs"]:
         t = s["totals"]
+        padded = (f" ({100 * t['savings_with_padding']:.1f}% with the padding of ragged "
+                  f"batches)" if t.get("gmacs_padding") else "")
         print(f"{s['label']}: {t['videos']:,d} videos ({t['videos_ok']:,d} ok), "
               f"{t['frames_decoded']:,d} frames, {t['hours_of_video']:.3f} h of video, "
-              f"savings {100 * t['savings']:.1f}%, est. GPU-hours saved "
+              f"savings {100 * t['savings']:.1f}%{padded}, est. GPU-hours saved "
               f"{s['estimate']['gpu_hours_saved_est']:.3g}, CPU-hours saved "
               f"{s['estimate']['cpu_hours_saved_est']:.3g}; segments "
               f"{s['segments']['complete']}/{s['segments']['total']} complete")

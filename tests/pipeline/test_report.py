@@ -265,3 +265,36 @@ def test_a_report_to_a_read_only_s3_output_is_refused_with_what_to_do(s3, tmp_pa
     err = capsys.readouterr().err
     assert "cannot write the report to s3://no-such-bucket/report: the bucket no-such-bucket " \
            "does not exist" in err, err
+
+
+def test_a_ragged_job_reports_its_padding_from_run_to_report(ray_session, tiny_detector,
+                                                            video_factory, sample_videos,
+                                                            tmp_path, capsys):
+    """Eventful's threshold on two different videos side by side: the padding work reaches
+    the segments, the videos, the job's summary and the report."""
+    import shutil
+
+    videos = tmp_path / "videos"
+    video_factory(videos / "gen.mp4", 12)
+    shutil.copy(sample_videos / "mma_test.mp4", videos / "real.mp4")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "input": {"uri": str(videos)}, "model": tiny_detector,
+        "pruning": {"method": "eventful", "policy": "threshold", "threshold": 0.5},
+        "decode": {"segment_frames": 12, "fps": 10},
+        "resources": {"streams_per_actor": 2},
+        "output": {"uri": str(tmp_path / "out")}}))
+    assert main(["run", str(spec)]) == 0
+    printed = capsys.readouterr().out
+    segments = pq.read_table(tmp_path / "out" / "segments").to_pylist()
+    padding = sum(s["gmacs_padding"] for s in segments)
+    assert padding > 0 and "GMACs pad" in printed
+    videos_rows = pq.read_table(tmp_path / "out" / "videos").to_pylist()
+    assert sum(v["gmacs_padding"] for v in videos_rows) == pytest.approx(padding)
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert "with the padding of ragged batches" in capsys.readouterr().out
+    (s,) = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())["outputs"]
+    t = s["totals"]
+    assert t["gmacs_padding"] == pytest.approx(padding)
+    assert t["savings_with_padding"] == pytest.approx(
+        1 - (t["gmacs_run"] + padding) / t["gmacs_dense"])
