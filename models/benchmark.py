@@ -55,6 +55,7 @@ class Measurement:
     cpu_s: list[list[float]] = field(default_factory=list)       # process CPU time per step
     gmacs: list[float] = field(default_factory=list)        # per frame, mean over streams
     gmacs_dense: list[float] = field(default_factory=list)
+    gmacs_padding: list[float] = field(default_factory=list)  # ragged batches' padding rows
     tokens: list[float] = field(default_factory=list)
     tokens_dense: list[float] = field(default_factory=list)
     state_bytes: int = 0                 # largest state over the frames, all streams
@@ -168,6 +169,7 @@ def _record_work(m: Measurement, outs: list[StepOutput], state: RunnerState) -> 
     n = len(outs)
     m.gmacs.append(sum(o.gmacs_run for o in outs) / n)
     m.gmacs_dense.append(sum(o.gmacs_dense for o in outs) / n)
+    m.gmacs_padding.append(sum(o.gmacs_padding for o in outs) / n)
     m.tokens.append(sum(o.tokens_run for o in outs) / n)
     m.tokens_dense.append(sum(o.tokens_dense for o in outs) / n)
     m.state_bytes = max(m.state_bytes, tensor_bytes(state.method))
@@ -312,6 +314,9 @@ def summarise(measurements: Sequence[Measurement], dense: Measurement) -> list[d
             "gmacs_steady": gmacs_steady,
             "savings_steady": 1 - gmacs_steady / dense_gmacs if dense_gmacs else 0.0,
             "gmacs_dense": dense_gmacs,
+            # run on the padding rows of ragged streams batched together, outside
+            # gmacs_per_frame (the method's own work) but in the timed step
+            "gmacs_padding_per_frame": _mean(m.gmacs_padding),
             "token_fraction": _mean(m.tokens) / _mean(m.tokens_dense) if _mean(m.tokens_dense)
             else float("nan"),
         }

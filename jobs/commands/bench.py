@@ -410,7 +410,7 @@ MARKDOWN_COLUMNS = (
     ("latency_steady_ms", "latency steady ms"), ("speedup_steady", "speedup steady"),
     ("frame_latency_ms", "frame ms"), ("frame_speedup", "frame speedup"),
     ("token_fraction", "tokens"), ("state_mb_per_stream", "state MB/stream"),
-    ("peak_mb_per_stream", "peak MB/stream"),
+    ("peak_mb_per_stream", "peak MB/stream"), ("gmacs_padding_per_frame", "padding gmacs"),
 )
 
 
