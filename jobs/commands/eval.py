@@ -45,7 +45,8 @@ EVAL_SCORE = 0.05
 
 RESULT_COLUMNS = ("task", "model", "method", "setting", "metric", "value", "agreement",
                   "gmacs_per_frame", "savings", "gmacs_dense_per_frame",
-                  "gmacs_overhead_per_frame", "gmacs_per_frame_after_first", "frames",
+                  "gmacs_overhead_per_frame", "gmacs_per_frame_after_first",
+                  "gmacs_padding_per_frame", "frames",
                   "videos", "split", "wall_s")
 
 
@@ -87,6 +88,7 @@ class RunOutput:
     gmacs_run: float = 0.0
     gmacs_dense: float = 0.0
     gmacs_overhead: float = 0.0
+    gmacs_padding: float = 0.0  # on padding rows of ragged streams (outside gmacs_run)
     gmacs_first: float = 0.0    # gmacs_run of each video's first frame (frame models)
     wall_s: float = 0.0
 
@@ -119,6 +121,7 @@ def run_streams(runner, videos: list, streams: int, read) -> RunOutput:
                 out.gmacs_run += o.gmacs_run
                 out.gmacs_dense += o.gmacs_dense
                 out.gmacs_overhead += o.gmacs_overhead
+                out.gmacs_padding += o.gmacs_padding
                 if t == 0:
                     out.gmacs_first += o.gmacs_run
                 if o.detections is not None:
@@ -339,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
                  "gmacs_dense_per_frame": run_out.gmacs_dense / frames,
                  "gmacs_overhead_per_frame": run_out.gmacs_overhead / frames,
                  "gmacs_per_frame_after_first": (run_out.gmacs_run - first) / max(after, 1),
+                 "gmacs_padding_per_frame": run_out.gmacs_padding / frames,
                  "frames": run_out.frames, "videos": run_out.videos, "split": args.split,
                  "wall_s": round(run_out.wall_s, 1)}
             print(f"{model_name} {method} {setting}: {metric} {value:.4f}, agreement "

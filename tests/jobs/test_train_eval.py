@@ -58,6 +58,7 @@ def test_generate_train_resume_eval(tmp_path, task, capsys):
     assert row["agreement"] == 1.0 or (task == "detection" and math.isnan(row["agreement"]))
     assert row["savings"] == pytest.approx(0.0)
     assert row["gmacs_per_frame"] > 0 and row["videos"] == 2
+    assert row["gmacs_padding_per_frame"] == 0.0  # nothing ragged to pad
     assert row["frames"] == (10 if task == "detection" else 32)
     assert "| none | dense |" in (out / "results.md").read_text()
     assert (out / "accuracy_vs_gmacs.png").read_bytes()[:4] == b"\x89PNG"
