@@ -518,7 +518,6 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
         f"{skipped} already complete, {pending.num_rows} to run on {spec.resources.actors} "
         f"actor(s)")
 
-    processed: list[str] = []
     error: BaseException | None = None
     counter = _frame_counter()
     progress = Progress(manifest, set(pending.column("segment_id").to_pylist()), log,
@@ -553,7 +552,6 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
         for row in run_segments(pending, actor_kwargs, Resources(
                 actors, r.gpus_per_actor, r.cpus_per_actor, r.streams_per_actor,
                 memory_bytes)):
-            processed.append(row["segment_id"])
             done = progress.done
             progress.update(row)
             metrics.videos_done(progress.done - done)
@@ -569,8 +567,8 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
 
     complete = sorted(completed_segments(out) & ids)
     segments = read_segments(out, complete)
-    # what this run completed: also segments whose rows had not reached the driver when it
-    # stopped (an interrupt), which ``processed`` misses
+    # what this run completed, from the rows it wrote: after an interrupt, actors finish the
+    # segments they hold, whose rows never reach the driver
     processed = sorted(r["segment_id"] for r in segments.select(["segment_id", "job_id"])
                        .to_pylist() if r["job_id"] == plan.job_id)
     job_info = {"task": plan.task, "model": plan.model_label, "method": plan.method,

@@ -336,7 +336,7 @@ def render_html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
     """One self-contained page: tables, and the plots embedded as data URIs."""
     outs = summary["outputs"]
     rows = "<tr><th>job status</th>" + "".join(
-        f"<td>{html.escape(str(s.get('job', {}).get('status')))}</td>" for s in outs) + "</tr>"
+        f"<td>{html.escape(str(s['job']['status']))}</td>" for s in outs) + "</tr>"
     keys = [("videos", "videos"), ("videos_ok", "ok"), ("videos_partial", "partial"),
             ("videos_error", "error"), ("frames_decoded", "frames"),
             ("hours_of_video", "hours of video"), ("gmacs_dense", "GMACs dense"),
@@ -344,8 +344,9 @@ def render_html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
             ("savings_after_first_frames", "savings after first frames"),
             ("model_s", "model s"), ("decode_s", "decode s")]
     if any(s["totals"].get("gmacs_padding") for s in outs):  # ragged streams side by side
-        keys[8:8] = [("gmacs_padding", "GMACs on padding"),
-                     ("savings_with_padding", "savings with padding")]
+        at = keys.index(("savings", "savings")) + 1
+        keys[at:at] = [("gmacs_padding", "GMACs on padding"),
+                       ("savings_with_padding", "savings with padding")]
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(s['label'])}<br>"
                                      f"<small>{html.escape(s['uri'])}</small></th>"
                                      for s in outs) + "</tr>"

@@ -141,7 +141,8 @@ def test_work_on_padding_counts_as_executed_and_older_outputs_read_as_none():
     assert cpu["actor_hours_saved_est"] == pytest.approx((150 - 66) / (66 / 3) / 3600)
 
     estimate = _estimate(rows, {"cpus_per_actor": 1})
-    output = {"label": "a", "uri": "/out", "params": {}, "segments": {"total": 2, "complete": 2},
+    output = {"label": "a", "uri": "/out", "params": {}, "job": {"status": "finished"},
+              "segments": {"total": 2, "complete": 2},
               "totals": {**t, "savings_after_first_frames": 0.0}, "estimate": estimate,
               "savings_per_video": {"count": 0}, "runs": [], "per_model_method": [],
               "per_node": [], "per_actor": [], "failures": []}
