@@ -12,15 +12,22 @@ raised with the number of attempts in its message, and with a hint to check the 
 when it never answered (nothing listens there, or its name does not resolve); the caller
 decides what a failure means (a read: the decoder records the segment's error; a write: the
 segment is not marked complete).
+
+Where someone waits at the console for a first answer (a job's planning, ``vidprune
+report``), :func:`give_up_when_unreachable` stops after the first attempt that never reached
+the endpoint: botocore has retried it already, and a wrong endpoint is far likelier there than
+an outage (six attempts took over a minute to say so).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -118,6 +125,26 @@ def is_transient(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(_NETWORK_MODULES)
 
 
+#: Attempts after which an endpoint that never answered is given up (None: all of them).
+_UNREACHABLE_ATTEMPTS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "vidprune_unreachable_attempts", default=None)
+
+
+@contextlib.contextmanager
+def give_up_when_unreachable(attempts: int = 1) -> Iterator[None]:
+    """Within this block (in this thread), :func:`retry` gives up on an endpoint that never
+    answered after ``attempts`` attempts; other transient errors keep the full policy."""
+    token = _UNREACHABLE_ATTEMPTS.set(attempts)
+    try:
+        yield
+    finally:
+        _UNREACHABLE_ATTEMPTS.reset(token)
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 class RetriesExhausted(OSError):
     """A transient error that outlasted every attempt (the last error is the cause)."""
 
@@ -127,6 +154,7 @@ def retry(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
     """``fn()``, again after a pause while it raises a transient error (see the module
     docstring). ``what`` names the operation in the final error."""
     backoff = backoff or default_backoff()
+    unreachable_attempts = _UNREACHABLE_ATTEMPTS.get()
     for attempt in range(1, backoff.attempts + 1):
         try:
             return fn()
@@ -136,9 +164,11 @@ def retry(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
                 raise CredentialsError(f"{what} failed: {describe(exc)}; {hint}") from exc
             if not is_transient(exc):
                 raise
-            if attempt == backoff.attempts:
-                hint = f"; {NO_CONNECTION_HINT}" if never_connected(exc) else ""
-                raise RetriesExhausted(f"{what} failed {attempt} times; last error: "
+            unreached = never_connected(exc)
+            if attempt == backoff.attempts or (unreached and unreachable_attempts is not None
+                                               and attempt >= unreachable_attempts):
+                hint = f"; {NO_CONNECTION_HINT}" if unreached else ""
+                raise RetriesExhausted(f"{what} failed {_times(attempt)}; last error: "
                                        f"{describe(exc)}{hint}") from exc
             sleep(backoff.delay_s(attempt))
     raise AssertionError("unreachable")  # pragma: no cover

@@ -107,6 +107,15 @@ class JobResult:
 # -- planning -------------------------------------------------------------------------------
 
 def plan_job(spec: Any, log: Log = _stderr) -> Plan:
+    """Everything checked, nothing written. Someone is waiting for this answer: an endpoint
+    that never answered is given up after one attempt (``operators/retry.py``)."""
+    from operators.retry import give_up_when_unreachable
+
+    with give_up_when_unreachable():
+        return _plan_job(spec, log)
+
+
+def _plan_job(spec: Any, log: Log) -> Plan:
     started = _now()
     job_id = f"{spec.name}-{started:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     output = _open_output(spec)

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     from pathlib import Path
 
+    from operators.retry import give_up_when_unreachable
     from pipeline.report import REPORT_DIR, load_output, write_report
     from pipeline.storage import (Location, StorageError, is_local, local_write_problem,
                                   s3_bucket_problem, write_problem)
@@ -39,7 +40,8 @@ def main(args) -> int:
     for uri in args.outputs:
         try:
             location = Location.open(_check_uri(uri), **storage)
-            outputs.append(load_output(location))
+            with give_up_when_unreachable():  # someone waits: a wrong endpoint fails fast
+                outputs.append(load_output(location))
         except (StorageError, OSError, ValueError) as exc:
             raise UserError(f"cannot read the output {uri}: "
                             f"{' '.join(str(exc).split())[:500]}") from None

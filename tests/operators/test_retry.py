@@ -8,8 +8,8 @@ import pytest
 import operators.proxy as proxy_module
 from operators.annotator import AnnotatorActor
 from operators.proxy import RangeProxy
-from operators.retry import (Backoff, CredentialsError, RetriesExhausted, is_transient,
-                             retry)
+from operators.retry import (Backoff, CredentialsError, RetriesExhausted,
+                             give_up_when_unreachable, is_transient, retry)
 from pipeline.manifest import build_manifest
 from pipeline.outputs import SegmentWriter, completed_segments, read_segments
 from pipeline.storage import Location, filesystem
@@ -65,6 +65,33 @@ def test_credentials_that_are_missing_or_refused_are_not_retried():
         with pytest.raises(CredentialsError, match=f"reading x failed: .*; {hint}"):
             retry(fails, "reading x", Backoff(attempts=3), waits.append)
         assert len(calls) == 1 and not waits
+
+
+def test_planning_gives_up_on_an_endpoint_that_never_answered_but_not_on_a_flaky_one():
+    """Inside ``give_up_when_unreachable`` (a job's planning, a report: someone waits at the
+    console) an endpoint that was never reached is given up after one attempt, which
+    botocore has retried already; an error after a connection is still retried in full."""
+    from botocore.exceptions import EndpointConnectionError
+
+    def count(exc):
+        calls, waits = [], []
+
+        def fails():
+            calls.append(1)
+            raise exc
+
+        with pytest.raises(RetriesExhausted) as got:
+            retry(fails, "listing x", Backoff(attempts=4), waits.append)
+        return len(calls), str(got.value)
+
+    unreachable = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
+    assert count(unreachable)[0] == 4  # elsewhere (actors, mid-job writes): every attempt
+    with give_up_when_unreachable():
+        calls, message = count(unreachable)
+        assert calls == 1 and message.startswith("listing x failed once; last error: ")
+        assert "the endpoint never answered" in message
+        assert count(ConnectionResetError("reset by peer"))[0] == 4
+    assert count(unreachable)[0] == 4
 
 
 def test_output_writes_outlast_a_failing_store(front):

@@ -84,15 +84,40 @@ def test_missing_credentials_fail_at_once_with_a_hint(s3, monkeypatch, tmp_path,
     assert "times" not in str(got.value)  # one attempt: not retried
 
 
-def test_an_endpoint_that_never_answers_is_named_in_the_error(monkeypatch, capsys):
-    """A closed port: retried as a transient fault, then the hint to check the endpoint."""
+def test_an_endpoint_that_never_answers_is_named_in_the_error(monkeypatch):
+    """A closed port, met mid-job (a driver's write, an actor's read): retried as a
+    transient fault, then the hint to check the endpoint."""
     from tests.conftest import free_port
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off
     monkeypatch.setenv("VIDPRUNE_STORAGE_ATTEMPTS", "2")
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(OSError) as got:
+        Location.open("s3://runs/r1/", endpoint_url=endpoint).read_bytes("job.json")
+    assert "reading s3://runs/r1/job.json failed 2 times; last error: EndpointConnection" in \
+        str(got.value)
+    assert "the endpoint never answered: check --endpoint-url / storage.endpoint_url" in \
+        str(got.value)
+
+
+def test_a_job_or_report_gives_up_at_once_on_an_endpoint_that_never_answers(
+        monkeypatch, capsys, tmp_path):
+    """A wrong endpoint is a user's mistake far more often than an outage: planning and
+    `report` give up after one attempt (botocore's own retries included) instead of six,
+    which took over a minute; the message says what to check."""
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.delenv("VIDPRUNE_STORAGE_ATTEMPTS", raising=False)  # the default, 6
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    spec = {"input": {"uri": "s3://videos/v/", "storage": {"endpoint_url": endpoint}},
+            "output": {"uri": str(tmp_path / "out")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert _cli(["run", str(tmp_path / "job.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "input.uri: listing s3://videos/v failed once; last error: EndpointConnect" in err
+    assert "the endpoint never answered" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
     assert _cli(["report", "s3://runs/r1/", "--endpoint-url", endpoint]) == 2
     err = capsys.readouterr().err
-    assert "reading s3://runs/r1/job.json failed 2 times; last error: EndpointConnection" in err
-    assert "the endpoint never answered: check --endpoint-url / storage.endpoint_url" in err
-    assert "Traceback" not in err
+    assert "reading s3://runs/r1/job.json failed once; last error: EndpointConnection" in err
