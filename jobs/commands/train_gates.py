@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
                     "folder of videos) and write a checkpoint plus a zoo card.")
     p.add_argument("--model", required=True, help="zoo name or architecture (e.g. videomae-s)")
     p.add_argument("--checkpoint", help="weights for an architecture (.safetensors, .pth ...)")
+    p.add_argument("--zoo-dir", help="read --model from this folder of zoo entries (a "
+                                     "checkpoint and card that train or train-gates wrote) "
+                                     "instead of models/zoo")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, VALUE as JSON (e.g. depth=6); repeatable")
     p.add_argument("--data", required=True,
@@ -108,6 +111,12 @@ def _check_args(args) -> tuple[Path, list[Path], dict]:
         problems.append("--settle must be in [0, 1]")
     if args.threads < 0:
         problems.append("--threads must be 0 or more")
+    if args.zoo_dir is not None:
+        if not Path(args.zoo_dir).is_dir():
+            problems.append(f"--zoo-dir {args.zoo_dir}: not a folder")
+        if args.checkpoint or args.option:
+            problems.append("--zoo-dir names a zoo model, which takes no --checkpoint or "
+                            "--option")
     spec = {}
     if args.dense_blocks is not None:
         spec["dense_blocks"] = args.dense_blocks
@@ -217,7 +226,7 @@ def run(args) -> int:
     from models import ModelError, build_method, build_model
     from models.checkpoints import CheckpointError
     from models.methods.svit import attach_gates, gates_of
-    from models.registry import describe
+    from models.registry import build_zoo_model, describe, zoo_entries
     from models.runner import StreamRunner
     from models.svit_training import GateTraining, distill_mode, measure_keep, train_gates
 
@@ -225,10 +234,19 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = build_model(args.model, checkpoint=args.checkpoint, **options)
+        if args.zoo_dir is not None:
+            model = build_zoo_model(args.model, args.zoo_dir)
+        else:
+            model = build_model(args.model, checkpoint=args.checkpoint, **options)
     except (ModelError, CheckpointError) as exc:
         raise UserError(str(exc)) from None
     base = describe(model)
+    # a zoo model that has gates goes on training them: its card's history is kept
+    previous = zoo_entries(args.zoo_dir).get(base) if hasattr(model, "zoo_name") else None
+    previous_training = (previous.card.get("svit_training")
+                         if previous is not None and gates_of(model.backbone) is not None
+                         else None)
+    origin = previous.card.get("base_model", base) if previous_training else base
     if gates_of(model.backbone) is None:
         try:
             attach_gates(model, spec)
@@ -294,8 +312,8 @@ def run(args) -> int:
         "arch": model.arch.name,
         "options": model.build_options,
         "class_names": list(model.class_names),
-        "description": f"{base} with SViT token gates (run with pruning.method: svit)",
-        "base_model": base,
+        "description": f"{origin} with SViT token gates (run with pruning.method: svit)",
+        "base_model": origin,
         "svit_training": {
             "steps": len(history), "batch": args.batch, "lr": args.lr,
             "backbone_lr": args.backbone_lr, "labels": args.labels,
@@ -317,6 +335,9 @@ def run(args) -> int:
             "keep_probability_measured": measured.probability,
         },
     }
+    if previous_training:
+        card["svit_training"]["continued_from"] = {"model": base,
+                                                   "svit_training": previous_training}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     card_path = out.with_suffix(".json")
     tmp_weights = out.with_name(out.name + ".tmp")

@@ -51,6 +51,41 @@ def test_trains_and_ships_a_zoo_entry(videos, tmp_path, monkeypatch, capsys):
     assert len(outs[-1].clips) == 1 and outs[-1].gmacs_overhead > 0
 
 
+def test_gates_go_on_training_from_a_zoo_folder(videos, tmp_path, capsys):
+    """--zoo-dir reads --model from a folder that train-gates wrote: the model keeps its
+    trained gates and weights (bit for bit, with nothing learning), and the new card keeps
+    the base model and the earlier run's training."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "zoo" / "first.safetensors"
+    first.parent.mkdir()
+    assert main(["train-gates", *TINY, "--data", str(videos), "--out", str(first),
+                 "--steps", "2", "--batch", "1", "--keep-ratios", "0.8,0.6,0.4"]) == 0
+    second = tmp_path / "second.safetensors"
+    assert main(["train-gates", "--zoo-dir", str(first.parent), "--model", "first",
+                 "--data", str(videos), "--out", str(second), "--steps", "1", "--batch", "1",
+                 "--lr", "0"]) == 0
+    card = json.loads(second.with_suffix(".json").read_text())
+    assert card["base_model"] == "videomae-s" and card["description"].startswith("videomae-s ")
+    assert card["options"]["svit"]["keep_ratios"] == [0.8, 0.6, 0.4]
+    earlier = card["svit_training"]["continued_from"]
+    assert earlier["model"] == "first" and earlier["svit_training"]["steps"] == 2
+    before, after = load_file(str(first)), load_file(str(second))
+    gates = [k for k in before if "svit_gates" in k]
+    assert gates and all(torch.equal(before[k], after[k]) for k in before)  # lr 0: unchanged
+
+    for argv, message in (
+            (["--zoo-dir", str(tmp_path / "nope")], "not a folder"),
+            (["--zoo-dir", str(first.parent), "--option", "depth=2"], "takes no --checkpoint"),
+            (["--zoo-dir", str(tmp_path)], "unknown zoo model 'first'")):
+        capsys.readouterr()
+        assert main(["train-gates", "--model", "first", *argv, "--data", str(videos),
+                     "--out", str(tmp_path / "bad.safetensors"), "--steps", "1"]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad*"))
+
+
 @pytest.mark.parametrize("change, message", [
     (["--data", "missing-folder"], "not a folder"),
     (["--out", "{tmp}/weights.pth"], "must end in .safetensors"),
