@@ -34,7 +34,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.retry import retry
+from operators.retry import give_up_when_unreachable, retry
 
 from .graph import Resources, run_segments
 from .listing import VideoObject, list_videos, probe_videos, probe_videos_on_cluster
@@ -109,8 +109,6 @@ class JobResult:
 def plan_job(spec: Any, log: Log = _stderr) -> Plan:
     """Everything checked, nothing written. Someone is waiting for this answer: an endpoint
     that never answered is given up after one attempt (``operators/retry.py``)."""
-    from operators.retry import give_up_when_unreachable
-
     with give_up_when_unreachable():
         return _plan_job(spec, log)
 
@@ -591,8 +589,8 @@ def _execute(plan: Plan, lock: OutputLock, log: Log) -> JobResult:
         "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
     doc.update({
         "status": status, "error": None if error is None else (
-            str(error) or "interrupted (SIGINT, Ctrl-C)" if isinstance(error, KeyboardInterrupt)
-            else _storage_message(error)),
+            (str(error) or "interrupted (SIGINT, Ctrl-C)")
+            if isinstance(error, KeyboardInterrupt) else _storage_message(error)),
         "finished_at": _now().isoformat(), "wall_s": wall_s, "totals": t,
         "segments": {"total": runnable.num_rows, "skipped": skipped,
                      "run": len(processed), "unreadable_videos": manifest.num_rows

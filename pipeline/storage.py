@@ -156,8 +156,8 @@ def s3_bucket_problem(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
         fs.call_s3("head_bucket", Bucket=bucket)
     except FileNotFoundError:
         return f"the bucket {bucket} does not exist"
-    except OSError:
-        return None
+    except OSError:  # denied, unreachable ...: the first write says
+        pass
     return None
 
 

@@ -29,8 +29,8 @@ def main(args) -> int:
 
     from operators.retry import give_up_when_unreachable
     from pipeline.report import REPORT_DIR, load_output, write_report
-    from pipeline.storage import (Location, StorageError, is_local, local_write_problem,
-                                  s3_bucket_problem, write_problem)
+    from pipeline.storage import (LocalFileSystem, Location, StorageError, is_local,
+                                  local_write_problem, s3_bucket_problem, write_problem)
 
     from ..errors import UserError
     from ..spec import _check_uri
@@ -75,8 +75,6 @@ def main(args) -> int:
             html.parent.mkdir(parents=True, exist_ok=True)
             html.write_bytes(target.read_bytes("report.html"))
         except OSError as exc:
-            from pipeline.storage import LocalFileSystem
-
             raise UserError(f"cannot write the HTML page to {args.html}: "
                             f"{write_problem(exc, LocalFileSystem(), str(html))} (the report "
                             f"itself is in {target.uri})") from None
